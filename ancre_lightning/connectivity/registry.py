@@ -1,0 +1,51 @@
+"""Connectivities by name, with options checked against each one's signature."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from .acn import AutoCompressing
+from .ancre import ANCRe
+from .base import Connectivity
+from .denseformer import DenseFormer
+from .fixed import FixedTopology
+from .residual import Residual
+
+CONNECTIVITIES: dict[str, type[Connectivity]] = {
+    cls.name: cls for cls in (Residual, ANCRe, AutoCompressing, DenseFormer, FixedTopology)
+}
+
+
+def connectivity_options(name: str) -> dict[str, Any]:
+    """The options a connectivity accepts and their defaults (``num_layers`` excluded)."""
+    params = inspect.signature(CONNECTIVITIES[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "num_layers")}
+
+
+def build_connectivity(name: str, num_layers: int, **options: Any) -> Connectivity:
+    """Build a connectivity by name.
+
+    Args:
+        name: one of ``residual``, ``ancre``, ``acn``, ``denseformer``, ``fixed``.
+        num_layers: number of blocks K in the stack.
+        **options: the connectivity's own options (e.g. ``tau`` for ``ancre``).
+
+    Raises:
+        ValueError: unknown name or option, naming the valid ones.
+    """
+    key = str(name).lower()
+    if key not in CONNECTIVITIES:
+        hint = difflib.get_close_matches(key, CONNECTIVITIES, n=1)
+        raise ValueError(
+            f"unknown connectivity {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; valid connectivities: {', '.join(CONNECTIVITIES)}"
+        )
+    valid = connectivity_options(key)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for connectivity {key!r}; valid options (defaults): {listing}")
+    return CONNECTIVITIES[key](num_layers, **options)
