@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Connectivity, handover_matrix
+from ..errors import UserInputError
 
 Normalization = Literal["incoming", "outgoing"]
 Parameterization = Literal["softmax", "constant"]
@@ -46,11 +47,11 @@ class ANCRe(Connectivity):
     ) -> None:
         super().__init__(num_layers)
         if normalization not in ("incoming", "outgoing"):
-            raise ValueError(f"ancre normalization must be 'incoming' or 'outgoing', got {normalization!r}")
+            raise UserInputError(f"ancre normalization must be 'incoming' or 'outgoing', got {normalization!r}")
         if parameterization not in ("softmax", "constant"):
-            raise ValueError(f"ancre parameterization must be 'softmax' or 'constant', got {parameterization!r}")
+            raise UserInputError(f"ancre parameterization must be 'softmax' or 'constant', got {parameterization!r}")
         if not float(tau) > 0:
-            raise ValueError(f"ancre tau must be > 0 (it divides the logits), got {tau}")
+            raise UserInputError(f"ancre tau must be > 0 (it divides the logits), got {tau}")
         k = self.num_layers
         self.normalization = normalization
         self.parameterization = parameterization

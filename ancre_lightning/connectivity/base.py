@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from ..errors import UserInputError
 
 
 class Connectivity(nn.Module):
@@ -42,7 +43,7 @@ class Connectivity(nn.Module):
     def __init__(self, num_layers: int) -> None:
         super().__init__()
         if int(num_layers) < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+            raise UserInputError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
 
     # --- structure (static, Python) -------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Connectivity, handover_matrix
+from ..errors import UserInputError
 
 
 class DenseFormer(Connectivity):
@@ -30,7 +31,7 @@ class DenseFormer(Connectivity):
     def __init__(self, num_layers: int, dilation: int = 1, period: int = 1) -> None:
         super().__init__(num_layers)
         if int(dilation) < 1 or int(period) < 1:
-            raise ValueError(f"denseformer dilation and period must be >= 1, got dilation={dilation}, period={period}")
+            raise UserInputError(f"denseformer dilation and period must be >= 1, got dilation={dilation}, period={period}")
         self.dilation = int(dilation)
         self.period = int(period)
         k = self.num_layers

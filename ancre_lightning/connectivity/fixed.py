@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Connectivity, handover_matrix
+from ..errors import UserInputError
 
 
 def parse_edge(edge: str | Sequence[int], num_layers: int) -> tuple[int, int]:
@@ -19,9 +20,9 @@ def parse_edge(edge: str | Sequence[int], num_layers: int) -> tuple[int, int]:
         else:
             i, j = (int(v) for v in edge)
     except (ValueError, TypeError):
-        raise ValueError(f"fixed edge {edge!r} is not of the form 'i:j' (for example '0:2')") from None
+        raise UserInputError(f"fixed edge {edge!r} is not of the form 'i:j' (for example '0:2')") from None
     if not 0 <= i < j <= num_layers:
-        raise ValueError(
+        raise UserInputError(
             f"fixed edge {edge!r} needs 0 <= i < j <= num_layers={num_layers}: state h_i is added to layer j's output"
         )
     return i, j

@@ -12,6 +12,7 @@ from .base import Connectivity
 from .denseformer import DenseFormer
 from .fixed import FixedTopology
 from .residual import Residual
+from ..errors import UserInputError
 
 CONNECTIVITIES: dict[str, type[Connectivity]] = {
     cls.name: cls for cls in (Residual, ANCRe, AutoCompressing, DenseFormer, FixedTopology)
@@ -38,7 +39,7 @@ def build_connectivity(name: str, num_layers: int, **options: Any) -> Connectivi
     key = str(name).lower()
     if key not in CONNECTIVITIES:
         hint = difflib.get_close_matches(key, CONNECTIVITIES, n=1)
-        raise ValueError(
+        raise UserInputError(
             f"unknown connectivity {name!r}"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + f"; valid connectivities: {', '.join(CONNECTIVITIES)}"
@@ -47,5 +48,5 @@ def build_connectivity(name: str, num_layers: int, **options: Any) -> Connectivi
     unknown = sorted(set(options) - set(valid))
     if unknown:
         listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for connectivity {key!r}; valid options (defaults): {listing}")
+        raise UserInputError(f"unknown option(s) {unknown} for connectivity {key!r}; valid options (defaults): {listing}")
     return CONNECTIVITIES[key](num_layers, **options)

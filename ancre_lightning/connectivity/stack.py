@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .aggregation import AGGREGATION_IMPLS, AggregationImpl, weighted_sum
 from .base import Connectivity
+from ..errors import UserInputError
 
 
 class ConnectedStack(nn.Module):
@@ -34,12 +35,12 @@ class ConnectedStack(nn.Module):
         super().__init__()
         blocks = nn.ModuleList(blocks)
         if len(blocks) != connectivity.num_layers:
-            raise ValueError(
+            raise UserInputError(
                 f"ConnectedStack got {len(blocks)} blocks but the connectivity was built for "
                 f"num_layers={connectivity.num_layers}"
             )
         if aggregation not in AGGREGATION_IMPLS:
-            raise ValueError(f"aggregation must be one of {AGGREGATION_IMPLS}, got {aggregation!r}")
+            raise UserInputError(f"aggregation must be one of {AGGREGATION_IMPLS}, got {aggregation!r}")
         self.blocks = blocks
         self.connectivity = connectivity
         self.aggregation = aggregation

@@ -1,0 +1,5 @@
+"""Domain networks: embed -> ConnectedStack(blocks) -> norm -> head."""
+
+from .llama import CausalLM
+
+__all__ = ["CausalLM"]

@@ -1,0 +1,190 @@
+"""A LLaMA-style causal decoder whose blocks run inside a ConnectedStack.
+
+RMSNorm, rotary position embeddings, SwiGLU and ``scaled_dot_product_attention``; the
+connectivity (residual, ANCRe, ACN, DenseFormer, fixed) is chosen by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..connectivity import ConnectedStack, build_connectivity
+from ..connectivity.aggregation import AggregationImpl
+from ..errors import UserInputError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        return xf.type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim // 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of the head dimension; x is (B, H, T, hd)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with rotary embeddings (fused SDPA kernel)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise UserInputError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    """LLaMA feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention + SwiGLU block.
+
+    With ``inner_residual`` the block computes ``x + attn(norm(x))`` then ``+ mlp(norm(.))``;
+    without it (ACN, fixed topologies) it is the plain composition ``mlp(norm(attn(norm(x))))``
+    and the connectivity supplies every skip.
+    """
+
+    def __init__(self, dim: int, n_heads: int, mlp_hidden: int, inner_residual: bool, norm_eps: float, dropout: float) -> None:
+        super().__init__()
+        self.inner_residual = inner_residual
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.mlp_norm = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        a = self.attn(self.attn_norm(x), cos, sin)  # (B, T, D)
+        if self.inner_residual:
+            x = x + a
+            return x + self.mlp(self.mlp_norm(x))
+        return self.mlp(self.mlp_norm(a))
+
+
+class CausalLM(nn.Module):
+    """Token embedding -> ConnectedStack(K decoder blocks) -> RMSNorm -> LM head.
+
+    Args:
+        vocab_size: number of token ids.
+        dim: model width D.
+        n_layers: number of blocks K.
+        n_heads: attention heads (``dim`` must be divisible by it).
+        mlp_hidden: SwiGLU hidden width; default 8/3 * dim rounded up to a multiple of 64.
+        max_seq_len: longest sequence the rotary tables cover.
+        connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
+        connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
+        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        dropout: attention dropout probability.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: rotary base.
+        tie_embeddings: share the embedding matrix with the LM head.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 512,
+        n_layers: int = 8,
+        n_heads: int = 8,
+        mlp_hidden: int | None = None,
+        max_seq_len: int = 256,
+        connectivity: str = "residual",
+        connectivity_options: dict[str, Any] | None = None,
+        aggregation: AggregationImpl = "loop",
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        tie_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        if mlp_hidden is None:
+            mlp_hidden = 64 * math.ceil(8 * dim / 3 / 64)
+        self.max_seq_len = max_seq_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        wiring = build_connectivity(connectivity, n_layers, **(connectivity_options or {}))
+        blocks = [DecoderBlock(dim, n_heads, mlp_hidden, wiring.inner_residual, norm_eps, dropout) for _ in range(n_layers)]
+        self.stack = ConnectedStack(blocks, wiring, aggregation)
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        cos, sin = rotary_tables(dim // n_heads, max_seq_len, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))  # GPT-2 scaled output projections
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def connectivity(self):
+        """The wiring of the blocks (a :class:`~ancre_lightning.connectivity.Connectivity`)."""
+        return self.stack.connectivity
+
+    def forward_features(self, input_ids: Tensor, return_exits: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Hidden states before the final norm: (B, T, D), and the K+1 exits if asked."""
+        t = input_ids.shape[-1]
+        if t > self.max_seq_len:
+            raise UserInputError(
+                f"sequence length {t} is longer than the model allows (max_seq_len={self.max_seq_len}); "
+                f"raise model max_seq_len or lower the data module's seq_len"
+            )
+        x = self.embed(input_ids)  # (B, T, D)
+        return self.stack(x, self.rope_cos[:t], self.rope_sin[:t], return_exits=return_exits)
+
+    def forward_head(self, hidden: Tensor) -> Tensor:
+        """The shared final norm and LM head, applied to the output or to any exit: (B, T, V)."""
+        return self.head(self.norm(hidden))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Next-token logits (B, T, V)."""
+        return self.forward_head(self.forward_features(input_ids))

@@ -1,0 +1,6 @@
+"""LightningModules per domain, on a shared base that exposes the wiring to callbacks."""
+
+from .base import ConnectivityModule
+from .llm import LLMModule
+
+__all__ = ["ConnectivityModule", "LLMModule"]

@@ -1,0 +1,91 @@
+"""What every domain's LightningModule shares: the wiring surface for callbacks and the optimiser."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ..connectivity import Connectivity
+from .schedule import WarmupCosine
+
+
+class ConnectivityModule(L.LightningModule):
+    """Base LightningModule of a network built as embed -> ConnectedStack -> norm -> head.
+
+    Subclasses build ``self.net`` (with ``connectivity``, ``forward_features`` and
+    ``forward_head``). Callbacks use only this public surface:
+
+    - :attr:`connectivity`: the wiring (``coefficients()``, ``temperature``, ``gate_parameters()``),
+    - :meth:`exit_head`: the shared final norm and head applied to an early-exit state.
+
+    Args:
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay on matrices (never on norms, biases or gates).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step.
+        gate_lr: learning rate of the connectivity's gate parameters (default: ``lr``).
+        compile: compile the inner network with torch.compile (checkpoint keys stay clean).
+    """
+
+    net: nn.Module
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        gate_lr: float | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.gate_lr = gate_lr
+        self.compile_net = compile
+
+    # --- surface for callbacks ----------------------------------------------------------------
+    @property
+    def connectivity(self) -> Connectivity:
+        """The connectivity that wires the network's blocks."""
+        return self.net.connectivity
+
+    def exit_head(self, state: Tensor) -> Tensor:
+        """Apply the shared final norm and head to an early-exit state (any of the K+1 exits)."""
+        return self.net.forward_head(state)
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile_net and not getattr(self, "_net_compiled", False):
+            self.net.compile()  # in place: state_dict keys carry no "_orig_mod." prefix
+            self._net_compiled = True
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay)."""
+        gate_ids = {id(p) for p in self.connectivity.gate_parameters()}
+        decay, no_decay = [], []
+        for p in self.net.parameters():
+            if not p.requires_grad or id(p) in gate_ids:
+                continue
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        gates = self.connectivity.gate_parameters()
+        if gates:
+            groups.append({"params": gates, "weight_decay": 0.0, "lr": self.gate_lr or self.lr, "name": "gates"})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = WarmupCosine(self.warmup_steps, int(total), self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
