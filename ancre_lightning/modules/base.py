@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..connectivity import Connectivity
@@ -17,7 +20,11 @@ class ConnectivityModule(L.LightningModule):
     ``forward_head``). Callbacks use only this public surface:
 
     - :attr:`connectivity`: the wiring (``coefficients()``, ``temperature``, ``gate_parameters()``),
-    - :meth:`exit_head`: the shared final norm and head applied to an early-exit state.
+    - :meth:`exit_head`: the shared final norm and head applied to an early-exit state,
+    - :meth:`exit_predictions` / :meth:`exit_metrics`: head outputs of all K+1 exits for a batch
+      and the domain's metrics of one exit; :attr:`exit_task` says whether the outputs are class
+      logits (entropy-based early exit applies) and :attr:`exit_primary_metric` which metric
+      decides the cutoff layer.
 
     Args:
         lr: peak learning rate of AdamW.
@@ -30,6 +37,10 @@ class ConnectivityModule(L.LightningModule):
     """
 
     net: nn.Module
+    #: ``"classification"`` (exit outputs are logits over classes or tokens) or ``"regression"``.
+    exit_task: str = "classification"
+    #: (metric name, higher is better) used for the cutoff layer and the early-exit sweep.
+    exit_primary_metric: tuple[str, bool] = ("accuracy", True)
 
     def __init__(
         self,
@@ -59,6 +70,27 @@ class ConnectivityModule(L.LightningModule):
     def exit_head(self, state: Tensor) -> Tensor:
         """Apply the shared final norm and head to an early-exit state (any of the K+1 exits)."""
         return self.net.forward_head(state)
+
+    def exit_predictions(self, batch: Any) -> tuple[list[Tensor], Tensor]:
+        """Head outputs of every exit for ``batch`` and the targets.
+
+        Returns:
+            ``(outputs, target)``: K+1 tensors, one per exit (``outputs[K]`` is the full network),
+            each (N, C) class logits for classification (N = samples, or tokens for an LLM) or
+            (N, ...) predictions for regression, and the matching target (N,) or (N, ...).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement exit_predictions")
+
+    def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Metrics of one exit's output (as returned by :meth:`exit_predictions`).
+
+        The default, for classification: mean cross-entropy ``loss`` and top-1 ``accuracy``.
+        """
+        logits = output.float()
+        return {
+            "loss": F.cross_entropy(logits, target),
+            "accuracy": (logits.argmax(-1) == target).float().mean(),
+        }
 
     # --- set-up ---------------------------------------------------------------------------------
     def configure_model(self) -> None:

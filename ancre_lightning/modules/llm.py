@@ -83,9 +83,23 @@ class LLMModule(ConnectivityModule):
         self.val_ppl = Perplexity()
         self._last_batch_end: float | None = None
 
+    exit_task = "classification"
+    exit_primary_metric = ("loss", False)
+
     def forward(self, input_ids: Tensor) -> Tensor:
         """Next-token logits (B, T, V)."""
         return self.net(input_ids)
+
+    def exit_predictions(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Next-token logits of every exit, flattened over tokens: K+1 x (B*T, V), and labels (B*T,)."""
+        _, exits = self.net.forward_features(batch["input_ids"], return_exits=True)
+        return [self.exit_head(h).flatten(0, 1) for h in exits], batch["labels"].flatten()
+
+    def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Next-token ``loss``, perplexity ``ppl`` and top-1 ``accuracy`` of one exit."""
+        metrics = super().exit_metrics(output, target)
+        metrics["ppl"] = metrics["loss"].exp()
+        return metrics
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
