@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..connectivity import Connectivity
+from ..connectivity import ConnectedStack, Connectivity
 from .schedule import WarmupCosine
 
 
@@ -62,10 +62,22 @@ class ConnectivityModule(L.LightningModule):
         self.compile_net = compile
 
     # --- surface for callbacks ----------------------------------------------------------------
+    def connectivities(self) -> dict[str, Connectivity]:
+        """Every connectivity of the network by the name of its stack (one per :class:`ConnectedStack`;
+        a ResNet has one per stage, the LLM one called ``stack``)."""
+        return {name: m.connectivity for name, m in self.net.named_modules() if isinstance(m, ConnectedStack)}
+
     @property
     def connectivity(self) -> Connectivity:
-        """The connectivity that wires the network's blocks."""
-        return self.net.connectivity
+        """The connectivity that wires the network's blocks (networks with a single stack)."""
+        found = list(self.connectivities().values())
+        if len(found) != 1:
+            raise AttributeError(f"{type(self).__name__} has {len(found)} connectivities; use connectivities()")
+        return found[0]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The learned wiring parameters of every connectivity."""
+        return [p for c in self.connectivities().values() for p in c.gate_parameters()]
 
     def exit_head(self, state: Tensor) -> Tensor:
         """Apply the shared final norm and head to an early-exit state (any of the K+1 exits)."""
@@ -100,7 +112,8 @@ class ConnectivityModule(L.LightningModule):
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay)."""
-        gate_ids = {id(p) for p in self.connectivity.gate_parameters()}
+        gates = self.gate_parameters()
+        gate_ids = {id(p) for p in gates}
         decay, no_decay = [], []
         for p in self.net.parameters():
             if not p.requires_grad or id(p) in gate_ids:
@@ -110,7 +123,6 @@ class ConnectivityModule(L.LightningModule):
             {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
-        gates = self.connectivity.gate_parameters()
         if gates:
             groups.append({"params": gates, "weight_decay": 0.0, "lr": self.gate_lr or self.lr, "name": "gates"})
         return [g for g in groups if g["params"]]
