@@ -1,0 +1,32 @@
+"""Shared test helpers: repository paths and a tiny-run override set for shipped configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def tiny_run_args(tmp_path: Path, steps: int = 2) -> list[str]:
+    """Overrides that turn any shipped training config into a run of a step or two."""
+    return [
+        f"--trainer.max_steps={steps}",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.val_check_interval={steps}",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

@@ -1,0 +1,140 @@
+"""The ancre CLI end to end on the LLM: every shipped YAML runs, help and errors are clear."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ancre_lightning.cli import build_cli, main
+from conftest import CONFIGS, ROOT, tiny_run_args
+
+LLM_CONFIGS = sorted(p.name for p in (CONFIGS / "llm").glob("*.yaml"))
+SMALL_DATA = [
+    "--data.init_args.batch_size=2",
+    "--data.init_args.max_train_tokens=40000",
+    "--data.init_args.max_val_tokens=8000",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.compile=false",
+]
+
+
+def test_llm_configs_are_shipped_for_every_connectivity():
+    assert "quickstart.yaml" in LLM_CONFIGS
+    for name in ("residual", "ancre", "acn", "denseformer"):
+        assert f"llama60m_{name}.yaml" in LLM_CONFIGS
+
+
+@pytest.mark.parametrize("config", LLM_CONFIGS)
+def test_every_llm_config_trains_two_steps(config, tmp_path):
+    cli = build_cli(["fit", "--config", str(CONFIGS / "llm" / config), *tiny_run_args(tmp_path), *SMALL_DATA])
+    assert cli.trainer.global_step == 2
+    loss = cli.trainer.callback_metrics["val/loss"]
+    assert torch.isfinite(loss)
+    expected = config.removesuffix(".yaml").split("_")[-1]
+    if expected != "quickstart":
+        assert cli.model.connectivity.name == expected
+    assert list(Path(tmp_path, "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.parametrize("trainer_config", ["cpu.yaml", "gpu.yaml"])
+def test_single_process_trainer_configs(trainer_config, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--config", str(CONFIGS / "trainer" / trainer_config)]
+    if trainer_config == "gpu.yaml" and not torch.cuda.is_available():
+        args.append("--trainer.accelerator=cpu")  # same precision (bf16-mixed) and the rest of the config
+    cli = build_cli([*args, *tiny_run_args(tmp_path), *SMALL_DATA])
+    assert cli.trainer.global_step == 2
+    if trainer_config == "gpu.yaml":
+        assert cli.trainer.precision == "bf16-mixed"
+        assert cli.model.connectivity.gate_logits.dtype == torch.float32
+
+
+def run_ancre(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ancre = Path(sys.executable).with_name("ancre")
+    return subprocess.run([str(ancre), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("trainer_config", ["ddp_cpu.yaml", "ddp_gpu.yaml"])
+def test_ddp_trainer_configs_run_two_processes(trainer_config, tmp_path):
+    """Real DDP: two processes launched by the CLI (ddp re-launches the command, so a subprocess)."""
+    args = ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--config", str(CONFIGS / "trainer" / trainer_config)]
+    if trainer_config == "ddp_gpu.yaml" and not torch.cuda.is_available():
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true"]
+    result = run_ancre([*args, *tiny_run_args(tmp_path), *SMALL_DATA], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    assert list(Path(tmp_path, "logs").rglob("last.ckpt"))
+
+
+def test_compiled_model_trains_and_keeps_checkpoint_keys_clean(tmp_path):
+    cli = build_cli(
+        ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), *SMALL_DATA,
+         "--model.init_args.compile=true", "--model.init_args.n_layers=2"]
+    )
+    assert cli.trainer.global_step == 2
+    ckpt = torch.load(next(Path(tmp_path, "logs").rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and not any("_orig_mod" in k for k in ckpt["state_dict"])
+    assert "net.stack.connectivity.gate_logits" in ckpt["state_dict"]
+
+
+def test_validation_loss_falls_on_real_text(tmp_path):
+    """A tiny ANCRe model learns byte statistics of Wikipedia: validation loss drops far below ln(257)."""
+    cli = build_cli(
+        ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path, steps=60),
+         "--model.init_args.dim=64", "--model.init_args.n_layers=2", "--model.init_args.warmup_steps=10",
+         "--data.init_args.seq_len=64", "--data.init_args.max_train_tokens=200000",
+         "--data.init_args.max_val_tokens=20000", "--trainer.limit_val_batches=8"]
+    )
+    val_loss = float(cli.trainer.callback_metrics["val/loss"])
+    assert val_loss < 3.3, f"validation loss {val_loss:.3f} did not fall from {torch.log(torch.tensor(257.0)):.3f}"
+
+
+def test_help_is_built_from_docstrings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--model.help", "LLMModule"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "how the blocks are wired" in text and "--model.connectivity_options" in text
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--print_config"])
+    text = capsys.readouterr().out
+    assert "connectivity: ancre" in text and "class_path: ancre_lightning.modules.LLMModule" in text
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.init_args.connectivity=ancer", "unknown connectivity 'ancer' (did you mean 'ancre'?)"),
+        ("--model.init_args.connectivity_options={tau: 0}", "tau must be > 0"),
+        ("--model.init_args.connectivity_options={temperature: 0.1}", "unknown option(s) ['temperature']"),
+        ("--data.init_args.seq_len=300", "longer than the model allows (model max_seq_len=128)"),
+        ("--data.init_args.path=/no/such/corpus.txt", "/no/such/corpus.txt"),
+    ],
+)
+def test_bad_input_gives_one_clear_message(override, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_misspelt_config_key_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--model.init_args.n_layer=3"])
+    assert exit_info.value.code != 0
+    assert "n_layer" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = run_ancre(["--help"], cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "fit" in result.stdout
