@@ -1,0 +1,76 @@
+"""The LLaMA-style decoder and the LLM module: wiring, exits, optimiser groups, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ancre_lightning.errors import UserInputError
+from ancre_lightning.models import CausalLM
+from ancre_lightning.modules import LLMModule
+from ancre_lightning.modules.schedule import WarmupCosine
+
+
+def tiny(connectivity="ancre", **kw):
+    torch.manual_seed(0)
+    return CausalLM(257, dim=32, n_layers=3, n_heads=4, max_seq_len=16, connectivity=connectivity, **kw)
+
+
+@pytest.mark.parametrize("connectivity", ["residual", "ancre", "acn", "denseformer"])
+def test_forward_shapes_and_exits(connectivity):
+    model = tiny(connectivity)
+    ids = torch.randint(0, 257, (2, 16))
+    logits = model(ids)
+    assert logits.shape == (2, 16, 257)
+    out, exits = model.forward_features(ids, return_exits=True)
+    assert len(exits) == 4 and torch.allclose(model.forward_head(exits[-1]), logits, atol=1e-6)
+    assert torch.equal(exits[-1], out)
+
+
+def test_blocks_drop_inner_residual_exactly_when_the_wiring_says():
+    assert all(b.inner_residual for b in tiny("ancre").stack.blocks)
+    assert not any(b.inner_residual for b in tiny("acn").stack.blocks)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    model = tiny("ancre").eval()
+    ids = torch.randint(0, 257, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 257
+    torch.testing.assert_close(model(ids)[0, :10], model(changed)[0, :10])
+
+
+def test_too_long_sequence_is_explained():
+    with pytest.raises(UserInputError, match="sequence length 17 is longer than the model allows"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gates_are_float32_and_out_of_weight_decay():
+    module = LLMModule(dim=32, n_layers=3, n_heads=4, max_seq_len=16, connectivity="ancre", gate_lr=0.05, weight_decay=0.1)
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    gates = groups["gates"]
+    assert gates["weight_decay"] == 0.0 and gates["lr"] == 0.05
+    assert [p is module.connectivity.gate_logits for p in gates["params"]] == [True]
+    assert module.connectivity.gate_logits.dtype == torch.float32
+    assert all(p.ndim < 2 for p in groups["no_decay"]["params"])
+    assert groups["decay"]["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in groups["decay"]["params"])
+    n_grouped = sum(len(g["params"]) for g in groups.values())
+    assert n_grouped == sum(1 for p in module.parameters() if p.requires_grad)
+    assert LLMModule(connectivity="residual", dim=32, n_layers=2, n_heads=4).parameter_groups()[-1]["name"] != "gates"
+
+
+def test_gate_logits_receive_gradient_through_the_lm_loss():
+    module = LLMModule(dim=32, n_layers=3, n_heads=4, max_seq_len=16, connectivity="ancre")
+    ids = torch.randint(0, 257, (2, 16))
+    module.lm_loss(module(ids), ids).backward()
+    assert module.connectivity.gate_logits.grad.abs().sum() > 0
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
