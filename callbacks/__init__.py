@@ -1,0 +1,38 @@
+"""Plugin callbacks for the wiring, for ``trainer.callbacks`` in a YAML config.
+
+- :class:`GateTemperatureAnnealing`: anneal ANCRe's softmax temperature tau along a schedule.
+- :class:`GateSparsity`: an L2 (or L1, entropy) penalty on the shortcuts of the wiring.
+- :class:`GateVisualization`: the (K, K+1) wiring as heatmaps in TensorBoard and PNG files.
+- :class:`EarlyExitEvaluation`: the metric of every early exit, the cutoff layer, and a
+  confidence-based early exit (metric against depth and speed-up).
+
+They work with any :class:`~ancre_lightning.modules.ConnectivityModule` through its public
+surface only (``connectivities()``, ``exit_predictions``, ``exit_metrics``, ``exit_task``,
+``exit_primary_metric``) and the connectivities' ``coefficients()``, ``shortcut_mask()``,
+``gate_parameters()`` and ``temperature``. With several connectivities (one stack per stage),
+per-wiring tags carry the stack name: ``gates/<stack>/...``.
+
+    trainer:
+      callbacks:
+        - class_path: ancre_lightning.callbacks.GateVisualization
+          init_args: {every_n_steps: 100}
+"""
+
+from ._surface import row_entropy
+from .early_exit import EarlyExitEvaluation, confidence_exit, cutoff_layer, predictive_entropy
+from .sparsity import GateSparsity, shortcut_penalty
+from .temperature import GateTemperatureAnnealing, annealed_temperature
+from .visualization import GateVisualization
+
+__all__ = [
+    "EarlyExitEvaluation",
+    "GateSparsity",
+    "GateTemperatureAnnealing",
+    "GateVisualization",
+    "annealed_temperature",
+    "confidence_exit",
+    "cutoff_layer",
+    "predictive_entropy",
+    "row_entropy",
+    "shortcut_penalty",
+]

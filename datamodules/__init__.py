@@ -24,14 +24,34 @@ warnings.filterwarnings(
 from .fetch import ARTIFACTS, DataFetchError, RegistryArtifact, fetch, read_member  # noqa: E402
 
 if TYPE_CHECKING:
+    from .images import (
+        CIFAR10DataModule,
+        FashionMNISTDataModule,
+        ImageFolderDataModule,
+        InMemoryImageDataModule,
+        MNISTDataModule,
+    )
     from .text import ByteTokenizer, TextDataModule
 
-_LAZY = {"ByteTokenizer": ".text", "TextDataModule": ".text"}
+_LAZY = {
+    "ByteTokenizer": ".text",
+    "TextDataModule": ".text",
+    "CIFAR10DataModule": ".images",
+    "FashionMNISTDataModule": ".images",
+    "ImageFolderDataModule": ".images",
+    "InMemoryImageDataModule": ".images",
+    "MNISTDataModule": ".images",
+}
 
 __all__ = [
     "ARTIFACTS",
     "ByteTokenizer",
+    "CIFAR10DataModule",
     "DataFetchError",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "InMemoryImageDataModule",
+    "MNISTDataModule",
     "RegistryArtifact",
     "TextDataModule",
     "fetch",

@@ -1,5 +1,8 @@
 """Domain networks: embed -> ConnectedStack(blocks) -> norm -> head."""
 
 from .llama import CausalLM
+from .mixer import MLPMixer
+from .resnet import ResNet
+from .vit import VisionTransformer
 
-__all__ = ["CausalLM"]
+__all__ = ["CausalLM", "MLPMixer", "ResNet", "VisionTransformer"]

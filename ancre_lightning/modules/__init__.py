@@ -1,6 +1,7 @@
 """LightningModules per domain, on a shared base that exposes the wiring to callbacks."""
 
 from .base import ConnectivityModule
+from .classifier import ClassifierModule
 from .llm import LLMModule
 
-__all__ = ["ConnectivityModule", "LLMModule"]
+__all__ = ["ClassifierModule", "ConnectivityModule", "LLMModule"]
