@@ -72,7 +72,7 @@ class ANCRe(Connectivity):
     def logit_matrix(self) -> Tensor:
         """(K, K) logits, -inf outside the lower triangle (row = target j, column = source i)."""
         k = self.num_layers
-        full = self.gate_logits.new_full((k, k), float("-inf"))
+        full = self.gate_logits.new_full((k, k), float("-inf"), dtype=torch.float32)
         return full.index_put((self._rows, self._cols), self.gate_logits.float())
 
     def gate_matrix(self) -> Tensor:

@@ -1,0 +1,115 @@
+"""Draw the learned wiring into TensorBoard and into PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ancre_lightning.errors import UserInputError
+
+from ._surface import (
+    connectivities_of,
+    figure_to_rgb,
+    log_scalars,
+    row_entropy,
+    save_png,
+    stack_tag,
+    tensorboard_writers,
+    wiring_figure,
+)
+
+
+class GateVisualization(Callback):
+    """Every ``every_n_steps`` optimiser steps, draw each connectivity's (K, K+1) wiring.
+
+    For every connectivity (tags carry the stack name, ``gates/<stack>/...``, when the network has
+    several):
+
+    - ``gates/wiring``: a heatmap of ``coefficients()`` (sources on x, targets on y, values written
+      in the cells) as a TensorBoard image,
+    - ``gates/entropy/row_<j>``: the entropy of each row's weights over earlier states (scalars,
+      to every logger; for ANCRe the entropy of the softmax gate, 0 for a single source),
+    - ``gates/logits``: a TensorBoard histogram of the learned gate parameters (ANCRe logits,
+      DenseFormer weights), when there are any,
+    - ``<log_dir>/gates/[<stack>_]wiring_step<step>.png``: the same heatmap as a PNG file, for
+      people who do not use TensorBoard.
+
+    It also draws at the start of training (the initial wiring) and at its end (the final
+    wiring). Only rank zero draws and writes under DDP. Without a TensorBoard logger the PNG
+    files and the scalars are still written.
+
+    Args:
+        every_n_steps: draw after every this many optimiser steps.
+        annotate: write each weight's value in its cell (skipped for more than 24 blocks).
+        save_png: also save each heatmap as a PNG file under ``<log_dir>/gates/``.
+        cmap: matplotlib colour map of the heatmap for non-negative weights (weights with negative
+            entries use a diverging map centred on 0).
+    """
+
+    def __init__(self, every_n_steps: int = 100, annotate: bool = True, save_png: bool = True, cmap: str = "viridis") -> None:
+        super().__init__()
+        if int(every_n_steps) < 1:
+            raise UserInputError(f"GateVisualization every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
+        self.annotate = bool(annotate)
+        self.save_png = bool(save_png)
+        self.cmap = cmap
+        self.log_dir: Path | None = None
+        self._last_drawn: int | None = None
+        self._warned_no_tensorboard = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        connectivities_of(pl_module, type(self).__name__)
+        self._last_drawn = None  # a new fit draws its first step even if this instance drew before
+        log_dir = trainer.log_dir  # a collective under DDP: every rank calls it here, once
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module, trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.draw(trainer, pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module, trainer.global_step)
+
+    @torch.no_grad()
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Draw and write every connectivity's wiring at ``step`` (once per step; rank zero only)."""
+        if not trainer.is_global_zero or step == self._last_drawn:
+            return
+        self._last_drawn = step
+        writers = tensorboard_writers(trainer)
+        if not writers and not self._warned_no_tensorboard:
+            self._warned_no_tensorboard = True
+            rank_zero_warn("GateVisualization: no TensorBoardLogger, so only PNG files and scalars are written.")
+        conns = connectivities_of(pl_module, type(self).__name__)
+        several = len(conns) > 1
+        scalars: dict[str, float] = {}
+        for name, conn in conns.items():
+            c = conn.coefficients().detach().float().cpu()  # (K, K+1)
+            title = f"{name}: {conn.name} wiring, step {step}" if several else f"{conn.name} wiring, step {step}"
+            png = self.save_png and self.log_dir is not None
+            if writers or png:
+                image = figure_to_rgb(wiring_figure(c, title, annotate=self.annotate, cmap=self.cmap))  # (H, W, 3)
+                for writer in writers:
+                    writer.add_image(stack_tag("gates", name, "wiring", several), image, step, dataformats="HWC")
+                if png:
+                    prefix = f"{name}_" if several else ""
+                    save_png(image, self.log_dir / "gates" / f"{prefix}wiring_step{step:07d}.png")
+            for j, h in enumerate(row_entropy(c).tolist()):
+                scalars[stack_tag("gates", name, f"entropy/row_{j}", several)] = h
+            gates = conn.gate_parameters()
+            if gates and writers:
+                values = torch.cat([p.detach().float().flatten().cpu() for p in gates])
+                for writer in writers:
+                    writer.add_histogram(stack_tag("gates", name, "logits", several), values, step)
+        log_scalars(trainer, scalars, step)
