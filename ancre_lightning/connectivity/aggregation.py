@@ -1,9 +1,34 @@
 """The one hot operation of the backbone: a weighted sum of saved states.
 
-Every connectivity merges states as ``out = sum_i w_i * s_i`` (DESIGN.md). Written naively, each
-``out = out + w_i * s_i`` reads ``out`` and ``s_i`` and writes ``out`` again, about three times the
-bytes that the sum needs. The fused version lets torch.compile generate one kernel (C++ on CPU,
-Triton on GPU) that reads every source once and writes the result once, and a fused backward.
+Every connectivity merges states as ``out = sum_i w_i * s_i`` (DESIGN.md). With k sources of N
+elements, the operation must read k*N and write N elements forward; backward it must read the
+incoming gradient once (N), read the k sources once (k*N, for the gradients of the weights) and
+write k source gradients (k*N).
+
+Written naively, each ``out = out + w_i * s_i`` makes a temporary (read N, write N) and then reads
+``out`` and the temporary and writes ``out`` again: about 5*N per source, five times the bytes the
+sum needs (and about 6*N more per source backward: one product per source gradient, a second
+product and a reduction per weight gradient).
+
+``impl="fused"`` hands the same loop, accumulated in float32 (:func:`weighted_sum_accumulate`),
+to torch.compile, which generates (checked by ``tests/test_aggregation.py`` and reported by
+``python -m ancre_lightning.bench aggregation``):
+
+- forward: ONE kernel (C++/OpenMP on CPU, Triton on GPU) that reads every source once, keeps the
+  running sum in registers, and writes the result once: (k+1)*N elements;
+- backward: ONE kernel on CPU that reads the incoming gradient once and every source once, writes
+  every source gradient ``w_i * g`` and reduces every weight gradient ``sum(g * s_i)`` in the same
+  pass: (2k+1)*N elements (Triton may finish the k scalar reductions in a second, tiny kernel);
+
+so forward plus backward moves (3k+2)*N elements against about 11*k*N for the loop.
+
+The history the sources come from is a Python list of the states themselves
+(:class:`~ancre_lightning.connectivity.ConnectedStack`): nothing is stacked or concatenated, and
+autograd keeps only references to the states (which the blocks save anyway).
+
+Inside a model compiled as a whole (``compile: true``) the same body is traced into the model's
+graph instead: inductor fuses it with the surrounding block (and the gradient accumulation of
+every state across all the merges that read it), which an opaque call would prevent.
 """
 
 from __future__ import annotations
@@ -32,21 +57,50 @@ def weighted_sum_loop(sources: Sequence[Tensor], weights: Tensor) -> Tensor:
     return out
 
 
+def weighted_sum_accumulate(sources: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """The body of the fused implementation: the same loop, accumulated in (at least) float32.
+
+    The result has the loop's dtype (the promotion of the states' dtypes); every source is read in
+    the accumulation dtype (that promoted with float32) and the result rounded once. For float32
+    states the casts vanish and this is the plain loop; for bfloat16 states the compiled kernel
+    rounds the output once, and backward the weight gradients ``sum(g * s_i)`` are float32
+    reductions (never rounded to bfloat16), as the float32 gates want. Compiled alone (one kernel
+    each way) or traced into a compiled model.
+    """
+    dtype = sources[0].dtype
+    for s in sources[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    out = sources[0].to(acc) * weights[0]  # (..., D)
+    for i in range(1, len(sources)):
+        out = out + sources[i].to(acc) * weights[i]  # (..., D)
+    return out.to(dtype)
+
+
 _FUSED_BY_ARITY: dict[int, Callable[[Sequence[Tensor], Tensor], Tensor]] = {}
 
 
 def _compiled_for_arity(n: int) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
-    """One compiled kernel per number of sources.
+    """One compiled function (one forward kernel, one backward kernel) per number of sources.
 
     Dynamo keeps its cache (and its recompile limit) per code object. A stack of K blocks merges
-    2..K+1 sources, so one shared function would hit the limit and silently fall back to eager;
-    a renamed copy of the code object per arity gives each arity its own cache entry.
+    2..K+1 sources, so one shared function would spend the limit on arities alone; a renamed copy
+    of the code object per arity gives each arity its own cache entries.
+
+    Kernels are specialised to the shape (``dynamic=False``): a static flat loop, and no shape
+    history carried over from other processes by automatic-dynamic profiling. Each new shape,
+    dtype or grad mode of one arity is one more cache entry; ``fullgraph`` stays off so that an
+    exhausted recompile limit (``torch._dynamo.config.recompile_limit``, 8 entries per arity)
+    degrades to eager execution of the same body (same result, slower, a logged warning) instead
+    of raising in the middle of training. The body has no graph break (the kernel-count test in
+    ``tests/test_aggregation.py`` would see one).
     """
     fn = _FUSED_BY_ARITY.get(n)
     if fn is None:
-        code = weighted_sum_loop.__code__.replace(co_name=f"weighted_sum_{n}")
-        plain = types.FunctionType(code, weighted_sum_loop.__globals__, f"weighted_sum_{n}")
-        fn = torch.compile(plain, dynamic=False, fullgraph=True)
+        code = weighted_sum_accumulate.__code__.replace(co_name=f"weighted_sum_{n}")
+        plain = types.FunctionType(code, weighted_sum_accumulate.__globals__, f"weighted_sum_{n}")
+        plain.__doc__ = weighted_sum_accumulate.__doc__
+        fn = torch.compile(plain, dynamic=False)
         _FUSED_BY_ARITY[n] = fn
     return fn
 
@@ -55,13 +109,20 @@ def weighted_sum(sources: Sequence[Tensor], weights: Tensor, impl: AggregationIm
     """``sum_i weights[i] * sources[i]`` with the chosen implementation.
 
     Args:
-        sources: n tensors of one shape (..., D).
-        weights: (n,) coefficients.
-        impl: ``"loop"`` (eager reference) or ``"fused"`` (one torch.compile kernel per arity).
-            Inside an already compiled model the loop is used: the outer compile fuses it anyway.
+        sources: n tensors of one shape (..., D), any floating dtype (the result has their dtype;
+            the fused kernel accumulates in float32 and rounds once).
+        weights: (n,) coefficients, usually float32 (gradients flow to them).
+        impl: ``"loop"`` (eager reference, rounding like the official code) or ``"fused"``
+            (:func:`weighted_sum_accumulate` as one torch.compile kernel per arity, forward and
+            backward; inside an already compiled model it is traced into the outer graph, which
+            fuses it with its neighbours).
     """
+    if impl not in AGGREGATION_IMPLS:
+        raise ValueError(f"aggregation impl must be one of {AGGREGATION_IMPLS}, got {impl!r}")
     if len(sources) == 1:
         return sources[0] * weights[0]
-    if impl == "fused" and not torch.compiler.is_compiling():
-        return _compiled_for_arity(len(sources))(list(sources), weights)
-    return weighted_sum_loop(sources, weights)
+    if impl == "loop":
+        return weighted_sum_loop(sources, weights)
+    if torch.compiler.is_compiling():
+        return weighted_sum_accumulate(sources, weights)  # traced into the outer graph
+    return _compiled_for_arity(len(sources))(list(sources), weights)

@@ -1,0 +1,115 @@
+"""``memory``: peak memory of one LLM training step per connectivity, against residual.
+
+The model is built and stepped once (the optimiser state exists, gradients are freed), then one
+more step is measured: the peak of the bytes allocated above what was live before it (activations
+saved for backward, gradients, temporaries). On GPU this is ``torch.cuda.max_memory_allocated``;
+on CPU the allocations and frees that the PyTorch profiler records (``profile_memory``) are
+replayed in order. Static memory (parameters and AdamW state) is listed apart: it is the same for
+every connectivity up to the few gate scalars. Modes as in ``step``: ``eager`` (fused merges) by
+default, ``compile`` on request.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ._common import (
+    CONNECTIVITIES,
+    LLM_QUICK,
+    MODEL_KEYS,
+    build_llm,
+    format_table,
+    llm_shape,
+    mib,
+    optimizer_state_bytes,
+    random_batch,
+    synchronize,
+    tensor_bytes,
+    train_step_fn,
+)
+
+NAME = "memory"
+#: Eager only by default (each compiled variant costs a whole-model compilation, about a minute on
+#: 2 CPU cores); ``--set 'memory.modes=["eager","compile"]'`` adds the compiled models.
+FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": ("eager",)}
+QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",)}
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated when it started."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def run(
+    device: torch.device,
+    connectivities: Sequence[str] = FULL["connectivities"],
+    modes: Sequence[str] = FULL["modes"],
+    **shape_overrides: Any,
+) -> dict[str, Any]:
+    shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
+    batch = random_batch(shape, device)
+    one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * 4  # a float32 (B, T, D) state
+    rows = []
+    for mode in modes:
+        base = None
+        for conn in connectivities:
+            module, optimizer = build_llm(conn, mode, shape, device)
+            step = train_step_fn(module, optimizer, batch, device, shape["precision"])
+            step()  # compiles; creates the AdamW state
+            step()
+            peak = peak_bytes(step, device)
+            if conn == "residual":
+                base = peak
+            rows.append({
+                "connectivity": conn,
+                "mode": mode,
+                "peak_step_bytes": peak,
+                "peak_step_mib": mib(peak),
+                "static_mib": mib(tensor_bytes(module.net.parameters()) + optimizer_state_bytes(optimizer)),
+                "ratio_vs_residual": None if base is None else peak / base,
+                "extra_states_vs_residual": None if base is None else (peak - base) / one_state,
+            })
+            del module, optimizer, step
+            gc.collect()
+    return {
+        "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "device": str(device),
+                     "state_mib": mib(one_state)},
+        "rows": rows,
+        "targets": [],
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    head = (
+        f"peak memory of one LLM training step above the live parameters and optimiser state, "
+        f"{s['n_layers']} blocks x {s['dim']}, sequence {s['seq_len']}, batch {s['batch_size']}, {s['precision']} "
+        f"on {s['device']} (one (B, T, D) float32 state = {s['state_mib']:.1f} MiB)\n"
+    )
+    rows = [
+        (r["connectivity"], r["mode"], r["peak_step_mib"], r["ratio_vs_residual"], r["extra_states_vs_residual"], r["static_mib"])
+        for r in result["rows"]
+    ]
+    return head + "\n" + format_table(["connectivity", "mode", "peak MiB", "x residual", "extra states", "params+AdamW MiB"], rows)

@@ -1,0 +1,112 @@
+"""``step``: training-step time of the LLM per connectivity, and the overhead against residual.
+
+Every (connectivity, mode) variant is built once (same seed, same batch), warmed up (the first
+step compiles), then timed one step at a time in interleaved rounds: round r runs every variant
+once, in an order rotated by r, so that drifts of a shared machine hit all variants alike. The
+reported time is the median over rounds; the overhead of a connectivity is its median over the
+residual network's median in the same mode, minus one.
+
+A step is what :class:`~ancre_lightning.modules.LLMModule` does per batch without the trainer:
+forward, float32 cross-entropy, backward, AdamW step (the module's parameter groups), zero_grad.
+Modes: ``eager`` (every merge is our fused kernel), ``compile`` (the inner network compiled in
+place, the ``compile: true`` path), ``eager-loop`` (eager with the plain loop merge; not run by
+default).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._common import (
+    CONNECTIVITIES,
+    LLM_QUICK,
+    MODEL_KEYS,
+    build_llm,
+    format_table,
+    interleaved_times,
+    llm_shape,
+    random_batch,
+    summarize,
+    synchronize,
+    target,
+    targets_table,
+    train_step_fn,
+)
+
+NAME = "step"
+FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": ("eager", "compile"), "reps": 9, "warmup": 2}
+QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "reps": 2, "warmup": 1}
+
+
+def run(
+    device: torch.device,
+    connectivities: Sequence[str] = FULL["connectivities"],
+    modes: Sequence[str] = FULL["modes"],
+    reps: int = FULL["reps"],
+    warmup: int = FULL["warmup"],
+    **shape_overrides: Any,
+) -> dict[str, Any]:
+    shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
+    batch = random_batch(shape, device)
+    tokens = shape["batch_size"] * shape["seq_len"]
+    steps, first_step_s, params = {}, {}, {}
+    for mode in modes:
+        for conn in connectivities:
+            module, optimizer = build_llm(conn, mode, shape, device)
+            step = train_step_fn(module, optimizer, batch, device, shape["precision"])
+            synchronize(device)
+            start = time.perf_counter()
+            step()  # compiles in compile mode (and the fused merges in eager mode)
+            synchronize(device)
+            first_step_s[mode, conn] = time.perf_counter() - start
+            steps[mode, conn] = step
+            params[conn] = sum(p.numel() for p in module.net.parameters())
+    gc.collect()
+    times = interleaved_times({f"{m}/{c}": fn for (m, c), fn in steps.items()}, device, reps=reps, warmup=max(warmup - 1, 0))
+
+    rows = []
+    for mode in modes:
+        base = summarize(times[f"{mode}/residual"])["median_s"] if "residual" in connectivities else None
+        for conn in connectivities:
+            stats = summarize(times[f"{mode}/{conn}"])
+            rows.append({
+                "connectivity": conn,
+                "mode": mode,
+                **stats,
+                "tokens_per_s": tokens / stats["median_s"],
+                "overhead_vs_residual": None if base is None else stats["median_s"] / base - 1.0,
+                "first_step_s": first_step_s[mode, conn],
+                "parameters": params[conn],
+            })
+    pick = {(r["mode"], r["connectivity"]): r for r in rows}
+    targets = []
+    if ("compile", "ancre") in pick and pick["compile", "ancre"]["overhead_vs_residual"] is not None:
+        targets.append(target("ANCRe step overhead vs residual, compiled", pick["compile", "ancre"]["overhead_vs_residual"], "<=", 0.03))
+    return {
+        "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "reps": reps,
+                     "warmup": warmup, "tokens_per_step": tokens, "device": str(device)},
+        "rows": rows,
+        "targets": targets,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    head = (
+        f"LLM training step, {s['n_layers']} blocks x {s['dim']}, sequence {s['seq_len']}, batch {s['batch_size']}, "
+        f"{s['precision']} on {s['device']}; median of {s['reps']} interleaved rounds\n"
+    )
+    rows = [
+        (r["connectivity"], r["mode"], r["median_s"] * 1e3, r["iqr_rel"], r["tokens_per_s"],
+         None if r["overhead_vs_residual"] is None else 100 * r["overhead_vs_residual"], r["first_step_s"])
+        for r in result["rows"]
+    ]
+    out = head + "\n" + format_table(["connectivity", "mode", "step ms", "IQR/med", "tokens/s", "overhead %", "first step s"], rows)
+    if result["targets"]:
+        out += "\n\n" + targets_table(result["targets"])
+    return out

@@ -1,0 +1,119 @@
+"""Smoke test of ``python -m ancre_lightning.bench``: every sub-benchmark at a tiny size, JSON fields.
+
+The numbers of a tiny run mean nothing; the measured tables live in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from ancre_lightning.bench import SUITES
+from ancre_lightning.bench.__main__ import main
+from ancre_lightning.bench.aggregation import impl_bytes, needed_bytes
+
+pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+
+TEXT = " ".join(f"Sentence {i} of a small local corpus, about wiring layers." for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory):
+    """One quick run of every sub-benchmark, as the JSON document printed on stdout."""
+    root = tmp_path_factory.mktemp("bench")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        returned = main(["--quick", "--json", "--device", "cpu", "--out", str(root / "bench.json"),
+                         "--set", f"framework.data_path={corpus}", "--set", f"framework.cache_dir={root / 'cache'}"])
+    printed = json.loads(out.getvalue())
+    assert printed == json.loads((root / "bench.json").read_text())
+    assert printed["results"].keys() == returned["results"].keys()
+    return printed
+
+
+def test_document_names_the_machine_and_every_sub_benchmark(doc):
+    assert doc["quick"] is True
+    assert list(doc["results"]) == ["aggregation", "step", "memory", "framework"]
+    machine = doc["machine"]
+    for key in ("cpu", "logical_cpus", "torch_threads", "torch", "lightning", "device", "load_average_at_start", "load_average_at_end"):
+        assert key in machine
+    assert machine["device"] == "cpu"
+    for result in doc["results"].values():
+        assert {"settings", "rows", "targets", "wall_s"} <= result.keys()
+
+
+def test_aggregation_fields(doc):
+    result = doc["results"]["aggregation"]
+    ks = result["settings"]["ks"]
+    assert result["kernels"]["forward_kernels"] == 1 and result["kernels"]["backward_kernels"] == 1
+    rows = {(r["k"], r["direction"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {(k, d, i) for k in ks for d in ("forward", "forward+backward") for i in ("loop", "stacked", "fused")}
+    for r in rows.values():
+        for key in ("median_s", "min_s", "iqr_rel", "needed_bytes", "impl_bytes", "gbps", "ceiling_gbps", "ratio_to_ceiling", "speedup_vs_loop"):
+            assert r[key] is not None and r[key] >= 0, key
+        assert r["median_s"] > 0 and r["impl_bytes"] >= r["needed_bytes"]
+        assert r["ratio_to_ceiling"] == pytest.approx(r["gbps"] / r["ceiling_gbps"])
+    assert all(rows[k, d, "loop"]["speedup_vs_loop"] == pytest.approx(1.0) for k in ks for d in ("forward", "forward+backward"))
+
+
+def test_aggregation_byte_model():
+    n, s = 1000, 4
+    assert needed_bytes(12, n, s, "forward") == 13 * n * s
+    assert needed_bytes(12, n, s, "forward+backward") == 38 * n * s
+    assert impl_bytes("fused", 12, n, s, "forward") == needed_bytes(12, n, s, "forward")
+    assert impl_bytes("loop", 12, n, s, "forward") == 57 * n * s  # 2 for the first product, 5 per further source
+    assert impl_bytes("loop", 12, n, s, "forward+backward") == (57 + 72) * n * s
+    assert impl_bytes("stacked", 12, n, s, "forward") == 37 * n * s
+
+
+def test_step_fields(doc):
+    result = doc["results"]["step"]
+    s = result["settings"]
+    assert s["tokens_per_step"] == s["batch_size"] * s["seq_len"]
+    rows = {(r["connectivity"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(c, m) for c in s["connectivities"] for m in s["modes"]}
+    for (conn, _), r in rows.items():
+        assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and r["parameters"] > 0
+        assert r["overhead_vs_residual"] is not None
+        if conn == "residual":
+            assert r["overhead_vs_residual"] == pytest.approx(0.0)
+
+
+def test_memory_fields(doc):
+    result = doc["results"]["memory"]
+    rows = {r["connectivity"]: r for r in result["rows"]}
+    assert rows["residual"]["ratio_vs_residual"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["peak_step_bytes"] > 0 and r["static_mib"] > 0
+    # ANCRe keeps every block output alive for its merges: never less than residual
+    assert rows["ancre"]["peak_step_bytes"] >= rows["residual"]["peak_step_bytes"]
+
+
+def test_framework_fields(doc):
+    result = doc["results"]["framework"]
+    rows = {r["loop"]: r for r in result["rows"]}
+    assert set(rows) == {"bare PyTorch", "ancre fit"}
+    assert all(r["tokens_per_s"] > 0 and len(r["runs_tokens_per_s"]) == result["settings"]["rounds"] for r in rows.values())
+    assert rows["ancre fit"]["ratio_vs_bare"] == pytest.approx(rows["ancre fit"]["tokens_per_s"] / rows["bare PyTorch"]["tokens_per_s"])
+    (goal,) = result["targets"]
+    assert goal["threshold"] == 0.95 and goal["op"] == ">=" and isinstance(goal["ok"], bool)
+
+
+def test_tables_render_as_markdown(doc):
+    for name, suite in SUITES.items():
+        text = suite.table(doc["results"][name])
+        assert text.count("\n|") >= 3, name
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(SystemExit, match="unknown sub-benchmark"):
+        main(["aggregatoin"])
+    with pytest.raises(SystemExit, match="NAME.KEY=VALUE"):
+        main(["step", "--set", "reps=3"])
+    with pytest.raises(SystemExit, match="options: .*reps"):
+        main(["step", "--set", "step.repz=3"])
