@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short name: --data TextDataModule)
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
+from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.errors import UserInputError
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401

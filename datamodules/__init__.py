@@ -24,6 +24,7 @@ warnings.filterwarnings(
 from .fetch import ARTIFACTS, DataFetchError, RegistryArtifact, fetch, read_member  # noqa: E402
 
 if TYPE_CHECKING:
+    from .diffusion_images import DiffusionImageDataModule
     from .images import (
         CIFAR10DataModule,
         FashionMNISTDataModule,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .text import ByteTokenizer, TextDataModule
 
 _LAZY = {
+    "DiffusionImageDataModule": ".diffusion_images",
     "ByteTokenizer": ".text",
     "TextDataModule": ".text",
     "CIFAR10DataModule": ".images",
@@ -48,6 +50,7 @@ __all__ = [
     "ByteTokenizer",
     "CIFAR10DataModule",
     "DataFetchError",
+    "DiffusionImageDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InMemoryImageDataModule",

@@ -2,6 +2,7 @@
 
 from .base import ConnectivityModule
 from .classifier import ClassifierModule
+from .diffusion import DiffusionModule
 from .llm import LLMModule
 
-__all__ = ["ClassifierModule", "ConnectivityModule", "LLMModule"]
+__all__ = ["ClassifierModule", "ConnectivityModule", "DiffusionModule", "LLMModule"]
