@@ -110,6 +110,25 @@ class ConnectivityModule(L.LightningModule):
             self.net.compile()  # in place: state_dict keys carry no "_orig_mod." prefix
             self._net_compiled = True
 
+    def on_fit_start(self) -> None:
+        """Give every DDP process its own random stream; rank 0 keeps the seeded one.
+
+        ``seed_everything`` seeds every process alike, so without this all ranks would draw the
+        same diffusion noise and timesteps, label drops, dropout masks, Mixup and augmentations for
+        their different samples. The weights are not affected: when this hook runs DDP has already
+        copied rank 0's weights to every process.
+        """
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if world > 1 and rank > 0:
+            import random
+
+            import numpy as np
+
+            seed = (torch.initial_seed() + 1_000_003 * rank) % 2**32
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay)."""
         gates = self.gate_parameters()
