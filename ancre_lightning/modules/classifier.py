@@ -213,7 +213,8 @@ class ClassifierModule(ConnectivityModule):
                 num_classes=num_classes,
             )
         self.top5 = num_classes > 5
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # DDP: the step's accuracy over every rank's batch (val/test metrics sync when computed)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", dist_sync_on_step=True)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -290,7 +291,7 @@ class ClassifierModule(ConnectivityModule):
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
             self.train_acc1(logits.detach(), labels)
             self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 

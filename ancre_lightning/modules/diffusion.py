@@ -292,7 +292,7 @@ class DiffusionModule(ConnectivityModule):
         noise = torch.randn_like(images)  # (B, C, H, W)
         t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)  # (B,)
         loss = self.denoising_loss(self.net, images, labels, noise, t)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 

@@ -124,7 +124,7 @@ class LLMModule(ConnectivityModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["input_ids"])  # (B, T, V)
         loss = self.lm_loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
