@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
 from .images import FASHION_MNIST_CLASSES, FashionMNISTDataModule, InMemoryImages, MNISTDataModule, keep_batch
+from .resumable import default_seed, resumable_train_loader
 
 __all__ = ["DIFFUSION_DATASETS", "DiffusionImageDataModule", "fit_images", "load_image_set"]
 
@@ -298,16 +299,16 @@ class DiffusionImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("DiffusionImageDataModule: call setup() (the Trainer does) before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=keep_batch,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "drop_last": train and len(dataset) >= self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": keep_batch,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # seeded order per epoch, position saved in checkpoints (exact resume)
+            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
+from .resumable import default_seed, resumable_train_loader
 
 __all__ = [
     "CIFAR10DataModule",
@@ -253,16 +254,16 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() (the Trainer does) before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
-            collate_fn=keep_batch,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "drop_last": train and len(dataset) >= self.batch_size,
+            "collate_fn": keep_batch,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # seeded order per epoch, position saved in checkpoints (exact resume)
+            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
@@ -679,15 +680,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, dataset: _FileImages | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageFolderDataModule: call setup() (the Trainer does) before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "drop_last": train and len(dataset) >= self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # seeded order per epoch, position saved in checkpoints (exact resume of the order)
+            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

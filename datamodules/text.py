@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .fetch import ARTIFACTS, default_cache_dir, fetch, iter_members, read_member
+from .resumable import resumable_train_loader
 from ..errors import UserInputError
 
 __all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule"]
@@ -186,8 +187,9 @@ class TextDataModule(L.LightningDataModule):
             CPU-sized runs and tests); ``None`` keeps all.
         max_val_tokens: Keep only the first this many validation tokens; ``None`` keeps all.
         num_workers: DataLoader worker processes (0 loads in the main process).
-        seed: Seed of the generator that shuffles the training sequences; the same
-            seed gives the same order.
+        seed: Seed of the training order: epoch ``e`` is the permutation seeded by
+            ``seed + e``, so the same seed gives the same order, and a run resumed from a
+            checkpoint continues it mid-epoch (the position is saved in the checkpoint).
         cache_dir: Directory for downloaded archives and token caches; default
             ``$ANCRE_DATA_DIR`` or ``~/.cache/ancre_lightning``.
     """
@@ -404,17 +406,16 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, dataset: PackedTokenDataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("TextDataModule: call setup() (the Trainer does) before asking for a dataloader.")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # order of epoch e = permutation seeded by seed + e; its position is saved in checkpoints
+            return resumable_train_loader(
+                dataset, self.batch_size, self.seed, trainer=self.trainer, drop_last=True, **common
+            )
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
