@@ -296,12 +296,17 @@ class DiffusionModule(ConnectivityModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after the weights change, before on_train_batch_end: a checkpoint that ModelCheckpoint
+        # saves there holds this step's EMA, so a resumed run continues the average exactly
+        self.update_ema()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
         if step == self._ema_step:
-            return  # gradient accumulation: no optimizer step since the last update
+            return  # gradient accumulation: no optimizer step since the last batch
         self._ema_step = step
-        self.update_ema()
         every = self.hparams.sample_every_n_steps
         if every and step % every == 0:
             self.log_sample_grid()
