@@ -10,19 +10,47 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch import LightningDataModule
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short name: --data TextDataModule)
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
-from ancre_lightning.errors import UserInputError
+from ancre_lightning.callbacks import FiniteGuard
+from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
+from ancre_lightning.modules.base import check_checkpoint_for_config
 
 
 class AncreCLI(LightningCLI):
-    """LightningCLI in subclass mode: ``model`` and ``data`` take any ancre-lightning class."""
+    """LightningCLI in subclass mode: ``model`` and ``data`` take any ancre-lightning class.
+
+    A misspelt or mistyped option, or a ``--ckpt_path`` that is unreadable or belongs to another
+    model, ends in one :class:`UserInputError` before anything is built or written; every trainer
+    gets a :class:`~ancre_lightning.callbacks.FiniteGuard` unless ``trainer.callbacks`` has one.
+    """
+
+    def parse_arguments(self, parser, args) -> None:
+        for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+            p.exit_on_error = False  # raise instead of printing the whole usage block
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            raise UserInputError(parse_error_message(str(exc), known_option_names())) from None
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        ckpt_path, model = config.get("ckpt_path"), config.get("model")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc") and model is not None and "class_path" in model:
+            init = model.get("init_args")
+            check_checkpoint_for_config(ckpt_path, model.class_path, init.as_dict() if init is not None else {})
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        callbacks = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks"))
+        callbacks = list(callbacks or []) if isinstance(callbacks, (list, tuple, type(None))) else [callbacks]
+        if not any(isinstance(c, FiniteGuard) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, FiniteGuard()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:

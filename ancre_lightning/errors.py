@@ -1,5 +1,11 @@
 """Errors that mean "the input is wrong": the CLI prints their message alone, without a traceback."""
 
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+
 
 class UserInputError(ValueError):
     """A configuration, data path or checkpoint that cannot work; the message says how to fix it.
@@ -7,3 +13,118 @@ class UserInputError(ValueError):
     ``ancre`` prints ``error: <message>`` and exits with status 2; set ``ANCRE_DEBUG=1`` to see
     the traceback as well.
     """
+
+
+class NonFiniteError(UserInputError):
+    """Training produced a NaN or inf (loss, gate logits, gradients or weights).
+
+    Raised by :class:`~ancre_lightning.callbacks.FiniteGuard`; the message names the step, the
+    tensor and the file that holds the failing state. Like any bad input, ``ancre`` prints it as
+    one line and exits with status 2: the usual fixes are in the configuration (a lower learning
+    rate, gradient clipping, bf16 instead of fp16).
+    """
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""`` when none is close."""
+    match = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# How jsonargparse names an unknown key: "unrecognized arguments: --trainer.max_stepz=3",
+# "Option 'n_layer' is not accepted" (under 'Parser key "model"'), "Group 'trainer' does not
+# accept option 'max_stepz'", 'No action for key "x"'.
+_UNKNOWN_PATTERNS = (
+    re.compile(r"(?i)unrecognized arguments:\s*(\S+)"),
+    re.compile(r"Group '(\w+)' does not accept option '([\w.]+)'"),
+    re.compile(r"Option '([\w.]+)' is not accepted"),
+    re.compile(r"No action for key \"([^\"]+)\""),
+)
+_NOISE = re.compile(r"Does not validate against any|^Subtypes:|^Errors:|^Given value|Expected a <class 'NoneType'>")
+
+
+def _unknown_key(message: str) -> list[str] | None:
+    """The dotted path of an unknown key in a parse error, as parts, or None."""
+    for pattern in _UNKNOWN_PATTERNS:
+        found = pattern.search(message)
+        if found:
+            key = ".".join(found.groups()).lstrip("-").split("=", 1)[0]
+            parts = key.split(".")
+            parent = re.match(r"\s*Parser key \"(\w+)\"", message)
+            if parent and parts[0] != parent.group(1):
+                parts = [parent.group(1), "init_args", *parts]
+            return parts
+    return None
+
+
+def parse_error_message(message: str, options: Mapping[str, Iterable[str]]) -> str:
+    """One line from a jsonargparse parse error, with a "did you mean" hint for an unknown key.
+
+    Args:
+        message: the parser's message (often several nested lines).
+        options: the valid option names per section (``"model"``, ``"data"``, ``"trainer"``,
+            and ``"top"`` for the sections themselves), for the closest name to a misspelt one.
+    """
+    parts = _unknown_key(message)
+    if parts:
+        given = re.search(r"class_path '[\w.]*?(\w+)'", message)  # the arguments of the class in use
+        if len(parts) > 1 and given and given.group(1) in options:
+            hint = did_you_mean(parts[-1], options[given.group(1)])
+        elif len(parts) > 1 and parts[0] in options and parts[0] != "top":
+            hint = did_you_mean(parts[-1], options[parts[0]])
+        else:  # a misspelt section (trainr.max_steps) or top-level key
+            hint = did_you_mean(parts[0], options.get("top", []))
+        return (
+            f"unknown option {'.'.join(parts)!r}{hint}; `ancre fit --help` (or --model.help CLASS, "
+            "--data.help CLASS) lists the valid ones"
+        )
+    keys = re.findall(r"Parser key \"([\w.]+)\"", message)
+    name = ".".join([keys[0], "init_args", keys[-1]]) if len(keys) > 1 else (keys[0] if keys else "")
+    details = []
+    for line in str(message).splitlines():
+        line = re.sub(r"^[\s-]*(Parser key \"[\w.]+\":\s*)*", "", line).strip()
+        if not line or _NOISE.search(line) or line.startswith("Problem with given class_path"):
+            continue
+        line = re.sub(r"<class '([\w.]+)'>", r"\1", line)
+        got = re.match(r"Expected an? (.+?)\. Got value: (.*)", line)
+        if got:
+            line = f"expected {got.group(1)}, got {got.group(2)!r}"
+        details.append(line)
+    body = "; ".join(dict.fromkeys(details)) or str(message).strip().splitlines()[0]
+    return f"bad value for {name!r}: {body}" if name else body
+
+
+#: Key of the failure file written by FiniteGuard, so that it is never taken for a checkpoint to resume.
+NONFINITE_MARKER = "ancre_nonfinite"
+
+
+def known_option_names() -> dict[str, list[str]]:
+    """Valid option names per config section (``model``, ``data``, ``trainer``; ``top`` for the
+    sections themselves) and per model or data class name, for the "did you mean" hint of a
+    misspelt key: the constructor arguments of every loaded class and of the Trainer."""
+    import inspect
+
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+
+    def subclasses(cls: type) -> list[type]:
+        found, todo = [], [cls]
+        while todo:
+            for sub in todo.pop().__subclasses__():
+                found.append(sub)
+                todo.append(sub)
+        return found
+
+    def arguments(*classes: type) -> list[str]:
+        names: list[str] = []
+        for cls in classes:
+            try:
+                names += [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+            except (TypeError, ValueError):
+                continue
+        return names
+
+    models, datas = subclasses(LightningModule), subclasses(LightningDataModule)
+    sections = {"model": arguments(*models), "data": arguments(*datas), "trainer": arguments(Trainer)}
+    sections["top"] = ["config", "seed_everything", "ckpt_path", "optimizer", "lr_scheduler", *sections]
+    sections.update({cls.__name__: arguments(cls) for cls in (*models, *datas)})  # per class, by name
+    return sections

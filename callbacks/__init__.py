@@ -5,6 +5,9 @@
 - :class:`GateVisualization`: the (K, K+1) wiring as heatmaps in TensorBoard and PNG files.
 - :class:`EarlyExitEvaluation`: the metric of every early exit, the cutoff layer, and a
   confidence-based early exit (metric against depth and speed-up).
+- :class:`FiniteGuard`: stop at the first NaN or inf in the loss, gate logits or gradients, keep
+  the saved checkpoints and write the failing state to ``nonfinite-step<N>.ckpt`` (on by default
+  in ``ancre fit``).
 
 They work with any :class:`~ancre_lightning.modules.ConnectivityModule` through its public
 surface only (``connectivities()``, ``exit_predictions``, ``exit_metrics``, ``exit_task``,
@@ -20,12 +23,14 @@ per-wiring tags carry the stack name: ``gates/<stack>/...``.
 
 from ._surface import row_entropy
 from .early_exit import EarlyExitEvaluation, confidence_exit, cutoff_layer, predictive_entropy
+from .finite_guard import FiniteGuard
 from .sparsity import GateSparsity, shortcut_penalty
 from .temperature import GateTemperatureAnnealing, annealed_temperature
 from .visualization import GateVisualization
 
 __all__ = [
     "EarlyExitEvaluation",
+    "FiniteGuard",
     "GateSparsity",
     "GateTemperatureAnnealing",
     "GateVisualization",

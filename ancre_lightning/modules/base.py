@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity
+from ..connectivity.registry import CONNECTIVITIES, connectivity_options
+from ..errors import NONFINITE_MARKER, UserInputError
 from .schedule import WarmupCosine
 
 
@@ -146,9 +154,190 @@ class ConnectivityModule(L.LightningModule):
             groups.append({"params": gates, "weight_decay": 0.0, "lr": self.gate_lr or self.lr, "name": "gates"})
         return [g for g in groups if g["params"]]
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with one clear message, a checkpoint of another domain, depth or wiring."""
+        own = self.state_dict()
+        problem = checkpoint_mismatch(checkpoint, type(self), dict(self.hparams), own)
+        if problem:
+            raise UserInputError(
+                f"the checkpoint does not fit this {type(self).__name__}: {problem}. Load it with the "
+                f"configuration it was trained with (config.yaml in its log folder)"
+            )
+        super().on_load_checkpoint(checkpoint)
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         schedule = WarmupCosine(self.warmup_steps, int(total), self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+#: Hyper-parameters that change training, not the network: a checkpoint may differ in them.
+TRAINING_HPARAMS = frozenset({"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile"})
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Open a checkpoint file for inspection (tensors memory-mapped, not read into memory).
+
+    Raises:
+        UserInputError: the file is missing, truncated, not a PyTorch file, or not a checkpoint
+            written by Lightning (no ``state_dict``), with what to do instead.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"checkpoint {str(p)!r} does not exist; give the path of a .ckpt file (e.g. .../checkpoints/last.ckpt)")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    try:
+        ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not head.startswith(b"PK"):
+            what = "is not a PyTorch checkpoint"
+        elif not zipfile.is_zipfile(p):
+            what = "is truncated or damaged (an interrupted copy or a full disk?)"
+        else:
+            what = "is a PyTorch file but not a checkpoint that can be loaded safely"
+        raise UserInputError(
+            f"checkpoint {str(p)!r} {what}: it cannot be read ({p.stat().st_size} bytes; {first[:160]}). "
+            "Use another checkpoint (e.g. the best one next to last.ckpt) or a complete copy"
+        ) from None
+    if isinstance(ckpt, Mapping) and ckpt.get(NONFINITE_MARKER):
+        raise UserInputError(
+            f"{str(p)!r} is the failing state written by FiniteGuard at a non-finite step "
+            f"(step {ckpt.get('step')}: {', '.join(ckpt.get('nonfinite', []))}), kept for diagnosis; "
+            "resume from last.ckpt (or the best checkpoint) of that run instead"
+        )
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        bare = isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values())
+        kind = "a bare state_dict" if bare else f"a {type(ckpt).__name__}" + (
+            f" with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, Mapping) else "")
+        raise UserInputError(
+            f"{str(p)!r} is not a Lightning checkpoint: it holds {kind}, not a 'state_dict' with "
+            "'hyper_parameters'. Give a .ckpt written by `ancre fit` (e.g. .../checkpoints/last.ckpt)"
+        )
+    return dict(ckpt)
+
+
+def _class_name(class_path: Any) -> str | None:
+    return str(class_path).rsplit(".", 1)[-1] if class_path else None
+
+
+def _wiring(hparams: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(connectivity name, options with defaults filled in), or None if the hparams have none."""
+    name = hparams.get("connectivity")
+    if name is None:
+        return None
+    key = str(name).lower()
+    options = dict(hparams.get("connectivity_options") or {})
+    if key in CONNECTIVITIES:
+        options = {**connectivity_options(key), **options}
+    options.pop("tau", None)  # a buffer: restored from the checkpoint (and annealed), not a shape
+    return key, {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _init_options(cls: type) -> set[str] | None:
+    """Names of the constructor arguments of ``cls``; None when it takes ``**kwargs``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params} - {"self"}
+
+
+def _guess_class(ck_hparams: Mapping[str, Any], model_class: type) -> str | None:
+    """For a checkpoint written outside the CLI (no ``_class_path``): the name of the
+    ConnectivityModule whose options are its hyper-parameters, when the model does not take them."""
+    keys = {k for k in ck_hparams if not k.startswith("_")}
+    own = _init_options(model_class)
+    if not keys or own is None or keys <= own:
+        return None
+    todo, candidates = [ConnectivityModule], []
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            options = _init_options(sub)
+            if options is not None and keys <= options:
+                candidates.append(sub.__name__)
+    return candidates[0] if candidates else f"model with other options ({', '.join(sorted(keys - own)[:3])})"
+
+
+def checkpoint_mismatch(
+    checkpoint: Mapping[str, Any], model_class: type, hparams: Mapping[str, Any], state: Mapping[str, Tensor] | None
+) -> str | None:
+    """What makes ``checkpoint`` unfit for a model, or None when it fits.
+
+    Args:
+        checkpoint: a loaded Lightning checkpoint.
+        model_class: the model's class (a checkpoint of it or of a base class fits).
+        hparams: the model's hyper-parameters.
+        state: the model's ``state_dict`` (only the keys and shapes are used); None checks only
+            the domain and the wiring.
+    """
+    ck_hparams = dict(checkpoint.get("hyper_parameters") or {})
+    ck_class = _class_name(ck_hparams.get("_class_path")) or _guess_class(ck_hparams, model_class)
+    if ck_class and ck_class not in {c.__name__ for c in model_class.__mro__}:
+        return f"it was written by a {ck_class}, the model is a {model_class.__name__} (another domain)"
+    ck_wiring, wiring = _wiring(ck_hparams), _wiring(hparams)
+    if ck_wiring and wiring and ck_wiring[0] != wiring[0]:
+        return f"its blocks are wired by connectivity {ck_wiring[0]!r}, the model's by {wiring[0]!r}"
+    if ck_wiring and wiring and ck_wiring[1] != wiring[1]:
+        differ = sorted(k for k in {**ck_wiring[1], **wiring[1]} if ck_wiring[1].get(k) != wiring[1].get(k))
+        pairs = ", ".join(f"{k}: checkpoint {ck_wiring[1].get(k)!r}, model {wiring[1].get(k)!r}" for k in differ)
+        return f"its {wiring[0]} connectivity_options differ ({pairs})"
+    if state is None:
+        return None
+    ck_state = checkpoint["state_dict"]
+    missing = [k for k in state if k not in ck_state]
+    unexpected = [k for k in ck_state if k not in state]
+    reshaped = [k for k in state if k in ck_state and tuple(ck_state[k].shape) != tuple(state[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    differ = [
+        f"{k}: checkpoint {ck_hparams.get(k)!r}, model {hparams.get(k)!r}"
+        for k in sorted(set(ck_hparams) | set(hparams))
+        if not k.startswith("_") and k not in TRAINING_HPARAMS and ck_hparams.get(k) != hparams.get(k)
+    ]
+    examples = []
+    if reshaped:
+        k = reshaped[0]
+        examples.append(f"{k} is {tuple(ck_state[k].shape)} in the checkpoint, {tuple(state[k].shape)} in the model")
+    if missing:
+        examples.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[0]})")
+    if unexpected:
+        examples.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+    head = f"the network differs ({'; '.join(differ[:4])})" if differ else "the network differs"
+    return f"{head}: {'; '.join(examples)}"
+
+
+def check_checkpoint_for_config(path: str | os.PathLike[str], class_path: str, init_args: Mapping[str, Any]) -> None:
+    """Check, before anything is built or written, that a checkpoint fits the configured model.
+
+    The configured model is built on the ``meta`` device (no memory, no compute) to get its
+    parameter shapes.
+
+    Raises:
+        UserInputError: the checkpoint is unreadable or belongs to another model (domain, depth,
+            width or wiring), saying which setting differs.
+    """
+    ckpt = read_checkpoint(path)
+    module, _, name = str(class_path).rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module else None
+    if not isinstance(cls, type):
+        return
+    problem = checkpoint_mismatch(ckpt, cls, init_args, None)  # domain and wiring: nothing to build
+    if not problem:
+        try:
+            with torch.device("meta"):
+                model = cls(**init_args)
+        except UserInputError:
+            raise
+        except Exception:  # something in the constructor needs real tensors: build it for real
+            model = cls(**init_args)
+        problem = checkpoint_mismatch(ckpt, cls, dict(getattr(model, "hparams", init_args)), model.state_dict())
+    if problem:
+        raise UserInputError(
+            f"--ckpt_path {str(path)!r} does not fit the configured model: {problem}. Use the configuration "
+            "it was trained with (config.yaml in its log folder), or leave out --ckpt_path to start afresh"
+        )
