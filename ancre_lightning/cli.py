@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from ancre_lightning.checkpointing import (
+    ResumeStateCallback,
+    args_with_checkpoint_config,
+    resolve_resume,
+    use_atomic_checkpoints,
+)
 from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short name: --data TextDataModule)
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
@@ -30,13 +37,21 @@ class AncreCLI(LightningCLI):
     A misspelt or mistyped option, or a ``--ckpt_path`` that is unreadable or belongs to another
     model, ends in one :class:`UserInputError` before anything is built or written; every trainer
     gets a :class:`~ancre_lightning.callbacks.FiniteGuard` unless ``trainer.callbacks`` has one.
+
+    Resuming (``ancre_lightning/checkpointing.py``): ``--ckpt_path last`` is the newest
+    ``last.ckpt`` of the run named by the config's logger, and the run keeps logging into that
+    checkpoint's version folder; ``--ckpt_path path/to/x.ckpt`` without ``--config`` takes the
+    config stored in the checkpoint. Every trainer writes its checkpoints atomically.
     """
 
     def parse_arguments(self, parser, args) -> None:
+        args = self._with_checkpoint_config(args)
         for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             p.exit_on_error = False  # raise instead of printing the whole usage block
         try:
-            super().parse_arguments(parser, args)
+            with warnings.catch_warnings():  # args may be sys.argv plus a checkpoint's config: no "args and argv" warning
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                super().parse_arguments(parser, args)
         except ArgumentError as exc:
             raise UserInputError(parse_error_message(str(exc), known_option_names())) from None
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
@@ -50,7 +65,23 @@ class AncreCLI(LightningCLI):
         callbacks = list(callbacks or []) if isinstance(callbacks, (list, tuple, type(None))) else [callbacks]
         if not any(isinstance(c, FiniteGuard) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, FiniteGuard()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)  # checkpoints are written to a temporary file, fsynced, then renamed
+        return trainer
+
+    @staticmethod
+    def _with_checkpoint_config(args):
+        """``args`` (``None``: sys.argv) with the config stored in the ``--ckpt_path`` checkpoint
+        first, when no ``--config`` is given; unchanged otherwise."""
+        argv = list(sys.argv[1:]) if args is None else args
+        if not isinstance(argv, list):
+            return args
+        with_config = args_with_checkpoint_config(argv)
+        return args if with_config is argv else with_config
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:  # --ckpt_path last -> the run's newest last.ckpt, same log version
+            resolve_resume(self.config[self.subcommand], keep_version=self.subcommand == "fit")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
@@ -60,6 +91,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=ResumeStateCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
