@@ -218,9 +218,12 @@ def run(setup: Setup) -> dict:
     for scale in setup.init_sweep:
         row = {}
         for layout in setup.sweep_layouts:
-            losses = train(build_network(layout, setup.dim, scale, setup.seed), x, y, setup.lr, setup.steps, setup.floor)
+            stack = build_network(layout, setup.dim, scale, setup.seed)
+            losses = train(stack, x, y, setup.lr, setup.steps, setup.floor)
             row[layout] = {"iterations_to_relative_loss": iterations_to(losses, LEVELS),
                            "late_slope_log10_per_iter": late_slope(losses, setup.floor)}
+            if LAYOUTS[layout][0] == "ancre":
+                row[layout]["coefficients"] = stack.connectivity.coefficients().detach().tolist()
         results["init_sweep"][f"{scale:g}"] = row
     return results
 
