@@ -1,0 +1,245 @@
+"""What the experiment drivers share: launching ``ancre fit`` runs, resuming, and reading them back.
+
+A run is one ``ancre fit`` subprocess (``python -m ancre_lightning.cli fit ...``) whose TensorBoard
+logger writes to ``<runs_dir>/<name>/run/``; its console output goes to ``<runs_dir>/<name>/train.log``.
+When it exits with status 0 the driver writes ``<runs_dir>/<name>/DONE.json`` (command, wall time);
+a run with that file is finished and is skipped next time, a run folder without it is removed and
+started again, so an interrupted sweep can simply be launched again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = Path(__file__).resolve().parent
+RUN_VERSION = "run"  # the TensorBoard logger's version folder inside every run folder
+
+
+@dataclass
+class RunSpec:
+    """One training run.
+
+    Attributes:
+        name: folder name under the runs directory (unique in a sweep).
+        args: the ``ancre`` arguments after ``fit`` (configs and overrides), without the logger's
+            ``save_dir``/``name``/``version``, which :func:`launch` adds.
+        meta: anything the report needs about the run (connectivity, seed, ...).
+    """
+
+    name: str
+    args: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def run_dir(runs_dir: Path, name: str) -> Path:
+    """The folder of one run."""
+    return Path(runs_dir) / name
+
+
+def log_dir(runs_dir: Path, name: str) -> Path:
+    """The TensorBoard log dir of one run (event files, ``config.yaml``, checkpoints, gate PNGs)."""
+    return run_dir(runs_dir, name) / RUN_VERSION
+
+
+def is_done(runs_dir: Path, name: str) -> bool:
+    """True when the run finished successfully (its ``DONE.json`` exists)."""
+    return (run_dir(runs_dir, name) / "DONE.json").is_file()
+
+
+def command(spec: RunSpec, runs_dir: Path) -> list[str]:
+    """The full command line of a run: ``python -m ancre_lightning.cli fit <args> <logger paths>``."""
+    return [
+        sys.executable, "-m", "ancre_lightning.cli", "fit", *spec.args,
+        f"--trainer.logger.init_args.save_dir={Path(runs_dir).resolve()}",
+        f"--trainer.logger.init_args.name={spec.name}",
+        f"--trainer.logger.init_args.version={RUN_VERSION}",
+        f"--trainer.default_root_dir={run_dir(runs_dir, spec.name).resolve()}",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | None = None, poll_s: float = 2.0) -> dict[str, int]:
+    """Run every unfinished spec, ``jobs`` at a time; returns exit status by run name.
+
+    Each run gets ``OMP_NUM_THREADS=threads`` (default: the CPU count divided by ``jobs``, at
+    least 1). Finished runs are skipped; an unfinished run folder is removed first.
+    """
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    todo = [s for s in specs if not is_done(runs_dir, s.name)]
+    skipped = len(specs) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} finished run(s)", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    running: dict[str, tuple[subprocess.Popen, float, list[str], object]] = {}
+    status: dict[str, int] = {}
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < max(1, jobs):
+            spec = queue.pop(0)
+            folder = run_dir(runs_dir, spec.name)
+            if folder.exists():
+                shutil.rmtree(folder)  # an interrupted run starts again from scratch
+            folder.mkdir(parents=True)
+            cmd = command(spec, runs_dir)
+            log = open(folder / "train.log", "w", encoding="utf-8")
+            print(f"start {spec.name} ({threads} thread(s))", flush=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[spec.name] = (proc, time.time(), cmd, log, spec)
+        for name, (proc, start, cmd, log, spec) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            wall = time.time() - start
+            status[name] = rc
+            del running[name]
+            if rc == 0:
+                done = {"command": cmd, "wall_s": wall, "threads": threads, "jobs": jobs, "meta": spec.meta,
+                        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                (run_dir(runs_dir, name) / "DONE.json").write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
+                print(f"done  {name} in {wall / 60:.1f} min", flush=True)
+            else:
+                tail = (run_dir(runs_dir, name) / "train.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+                print(f"FAILED {name} (exit {rc}) after {wall / 60:.1f} min; end of its log:\n{tail}", flush=True)
+        if running:
+            time.sleep(poll_s)
+    return status
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> [(step, value)] sorted by step
+    (a step logged twice keeps its last value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted(Path(folder).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 1, "histograms": 1, "tensors": 1})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
+                out.setdefault(tag, {})[int(ev.step)] = float(ev.value)
+    return {tag: sorted(values.items()) for tag, values in out.items()}
+
+
+def done_info(runs_dir: Path, name: str) -> dict:
+    """The run's ``DONE.json`` (command, wall time, meta)."""
+    return json.loads((run_dir(runs_dir, name) / "DONE.json").read_text(encoding="utf-8"))
+
+
+def last_checkpoint(runs_dir: Path, name: str) -> Path | None:
+    """The run's ``last.ckpt`` (None if there is none)."""
+    found = sorted(log_dir(runs_dir, name).rglob("last*.ckpt"))
+    return found[-1] if found else None
+
+
+def ancre_coefficients(ckpt: Path) -> dict[str, list[list[float]]]:
+    """The learned ANCRe wiring of a checkpoint, stack name -> (K, K+1) ``coefficients()``.
+
+    Rebuilds each stack's ANCRe connectivity from the checkpoint's hyper-parameters
+    (``connectivity_options``) and its saved ``gate_logits`` and ``tau``, and asks it for
+    ``coefficients()``: the same matrix the GateVisualization callback draws.
+    """
+    import torch
+
+    from ancre_lightning.connectivity import build_connectivity
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    weights = state["state_dict"]
+    options = dict((state.get("hyper_parameters") or {}).get("connectivity_options") or {})
+    out: dict[str, list[list[float]]] = {}
+    for key, logits in weights.items():
+        if not key.endswith("connectivity.gate_logits"):
+            continue
+        prefix = key[: -len("gate_logits")]
+        n = logits.numel()
+        k = int((math.isqrt(8 * n + 1) - 1) // 2)  # n = K (K + 1) / 2
+        conn = build_connectivity("ancre", k, **options)
+        conn.gate_logits.data.copy_(logits.float())
+        if prefix + "tau" in weights:
+            conn.tau.copy_(weights[prefix + "tau"])
+        stack = prefix.removesuffix(".connectivity.").removeprefix("net.") or "stack"
+        out[stack] = conn.coefficients().detach().tolist()
+    return out
+
+
+def draw_heatmap(ax, matrix: list[list[float]], title: str) -> object:
+    """One (K, K+1) wiring matrix into a matplotlib axis, values in the cells; returns the image."""
+    import numpy as np
+
+    c = np.asarray(matrix, dtype=float)
+    image = ax.imshow(c, cmap="viridis", vmin=0.0, vmax=max(1.0, float(c.max())))
+    k = c.shape[0]
+    if k <= 16:
+        for j in range(k):
+            for i in range(c.shape[1]):
+                if c[j, i] >= 0.005:
+                    ax.text(i, j, f"{c[j, i]:.2f}", ha="center", va="center", fontsize=6 if k > 8 else 7,
+                            color="white" if c[j, i] < 0.6 else "black")
+    ax.set_xticks(range(c.shape[1]))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("source i (i = j+1: own output)", fontsize=7)
+    ax.set_ylabel("merge after block j", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.set_title(title, fontsize=8)
+    return image
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def interpolate_crossing(points: list[tuple[int, float]], level: float) -> float | None:
+    """The first step at which a decreasing-ish curve ``[(step, value)]`` reaches ``value <= level``,
+    linearly interpolated between the two logged points around the crossing (None: never)."""
+    prev = None
+    for step, value in points:
+        if value <= level:
+            if prev is None:
+                return float(step)
+            (s0, v0) = prev
+            return s0 + (step - s0) * (v0 - level) / (v0 - value) if v0 != value else float(step)
+        prev = (step, value)
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def machine() -> dict:
+    """Where the report was made: CPU count and model, Python, torch and Lightning versions."""
+    import lightning
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": sys.version.split()[0], "torch": torch.__version__,
+            "lightning": lightning.__version__, "platform": platform.platform()}
