@@ -54,6 +54,14 @@ class AncreCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except ArgumentError as exc:
             raise UserInputError(parse_error_message(str(exc), known_option_names())) from None
+        self._check_ckpt_path()  # before LightningCLI replaces the model config by the checkpoint's
+
+    def instantiate_classes(self) -> None:
+        self._check_ckpt_path()  # again once `--ckpt_path last` is a file: before anything is built or written
+        super().instantiate_classes()
+
+    def _check_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` file must be a readable checkpoint of the configured model."""
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         ckpt_path, model = config.get("ckpt_path"), config.get("model")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc") and model is not None and "class_path" in model:

@@ -244,6 +244,15 @@ def test_bad_checkpoint_is_one_clear_message_and_no_file_changes(kind, extra, me
     assert snapshot(trained) == before  # nothing overwritten, deleted or added in the log folder
 
 
+def test_resuming_last_into_another_model_is_refused_before_anything_is_written(trained, capsys):
+    pytest.importorskip("ancre_lightning.checkpointing")  # `--ckpt_path last` finds the run's own last.ckpt
+    before = snapshot(trained)
+    line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(trained, steps=2), *TINY,
+                        "--model.init_args.n_layers=3", "--ckpt_path=last"], capsys)  # fmt: skip
+    assert str(last_ckpt(trained)) in line and "n_layers: checkpoint 2, model 3" in line
+    assert snapshot(trained) == before  # config.yaml of the run included
+
+
 def test_a_fitting_checkpoint_passes_the_checks(trained):
     good = last_ckpt(trained)
     hparams = read_checkpoint(good)["hyper_parameters"]

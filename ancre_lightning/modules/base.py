@@ -194,15 +194,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = p.stat().st_size
         if not head.startswith(b"PK"):
-            what = "is not a PyTorch checkpoint"
+            what = f"is not a PyTorch checkpoint ({size} bytes, not a torch.save zip archive)"
         elif not zipfile.is_zipfile(p):
-            what = "is truncated or damaged (an interrupted copy or a full disk?)"
+            what = f"is truncated or damaged ({size} bytes, the end of the archive is missing: an interrupted copy or a full disk?)"
         else:
-            what = "is a PyTorch file but not a checkpoint that can be loaded safely"
+            what = f"is a PyTorch file but not a checkpoint that can be loaded safely ({first[:200]})"
         raise UserInputError(
-            f"checkpoint {str(p)!r} {what}: it cannot be read ({p.stat().st_size} bytes; {first[:160]}). "
-            "Use another checkpoint (e.g. the best one next to last.ckpt) or a complete copy"
+            f"checkpoint {str(p)!r} {what}. Use another checkpoint (e.g. the best one next to last.ckpt) "
+            "or a complete copy"
         ) from None
     if isinstance(ckpt, Mapping) and ckpt.get(NONFINITE_MARKER):
         raise UserInputError(
