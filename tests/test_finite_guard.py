@@ -186,3 +186,25 @@ def test_ancre_fit_stops_with_one_line_and_the_failing_state(tmp_path, capsys):
         main([*args, f"--ckpt_path={failures[0]}"])
     assert exit_info.value.code == 2
     assert "resume from last.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together(tmp_path):
+    """Two gloo processes: both see the NaN (one collective decision), both stop, no hang."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--config", str(CONFIGS / "trainer" / "ddp_cpu.yaml"),
+            *tiny_run_args(tmp_path, steps=1), "--trainer.max_steps=4", "--model.init_args.n_layers=2",
+            "--model.init_args.dim=32", "--model.init_args.gate_lr=1e37", "--model.init_args.warmup_steps=1",
+            "--data.init_args.batch_size=2", "--data.init_args.seq_len=32", "--data.init_args.max_train_tokens=40000",
+            "--data.init_args.max_val_tokens=8000"]  # fmt: skip
+    ancre = Path(sys.executable).with_name("ancre")
+    result = subprocess.run([str(ancre), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("ancre: error: non-finite values at step 1 ") == 2  # one line per process
+    assert len(list(Path(tmp_path, "logs").rglob("nonfinite-step1.ckpt"))) == 1
+    last = next(Path(tmp_path, "logs").rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
