@@ -17,7 +17,7 @@ def tiny_run_args(tmp_path: Path, steps: int = 2) -> list[str]:
     """Overrides that turn any shipped training config into a run of a step or two."""
     return [
         f"--trainer.max_steps={steps}",
-        "--trainer.limit_val_batches=1",
+        "--trainer.limit_val_batches=2",  # an int: "1" would parse as 1.0, i.e. the whole validation set
         f"--trainer.val_check_interval={steps}",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
