@@ -34,8 +34,14 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
-from .images import FASHION_MNIST_CLASSES, FashionMNISTDataModule, InMemoryImages, MNISTDataModule, keep_batch
-from .resumable import default_seed, resumable_train_loader
+from .images import (
+    FASHION_MNIST_CLASSES,
+    FashionMNISTDataModule,
+    InMemoryImages,
+    MNISTDataModule,
+    image_dataloader,
+    keep_batch,
+)
 
 __all__ = ["DIFFUSION_DATASETS", "DiffusionImageDataModule", "fit_images", "load_image_set"]
 
@@ -297,18 +303,7 @@ class DiffusionImageDataModule(L.LightningDataModule):
         self.test_dataset = InMemoryImages(test_x, test_y, half, half)
 
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DiffusionImageDataModule: call setup() (the Trainer does) before asking for a dataloader")
-        common = {
-            "drop_last": train and len(dataset) >= self.batch_size,
-            "num_workers": self.num_workers,
-            "collate_fn": keep_batch,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
-        if train:  # seeded order per epoch, position saved in checkpoints (exact resume)
-            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+        return image_dataloader(self, dataset, self.batch_size, self.num_workers, train, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -144,6 +144,31 @@ def keep_batch(batch: Any) -> Any:
     return batch
 
 
+def image_dataloader(
+    owner: L.LightningDataModule, dataset: Dataset | None, batch_size: int, num_workers: int, train: bool,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """The loader of one split of an image data module (shared by every image data module).
+
+    Training: the resumable loader (seeded order per epoch, position saved in checkpoints, so a
+    resume continues the order exactly). Validation and test: plain, unshuffled. ``owner`` names the
+    data module in the error raised before ``setup()``.
+    """
+    if dataset is None:
+        raise RuntimeError(f"{type(owner).__name__}: call setup() (the Trainer does) before asking for a dataloader")
+    common = {
+        "drop_last": train and len(dataset) >= batch_size,
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": num_workers > 0,
+    }
+    if collate_fn is not None:
+        common["collate_fn"] = collate_fn
+    if train:
+        return resumable_train_loader(dataset, batch_size, default_seed(), trainer=owner.trainer, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+
+
 # --------------------------------------------------------------------------- in-memory data modules
 
 
@@ -252,18 +277,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         self.test_dataset = InMemoryImages(test_x, test_y, **common)
 
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() (the Trainer does) before asking for a dataloader")
-        common = {
-            "drop_last": train and len(dataset) >= self.batch_size,
-            "collate_fn": keep_batch,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
-        if train:  # seeded order per epoch, position saved in checkpoints (exact resume)
-            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+        return image_dataloader(self, dataset, self.batch_size, self.num_workers, train, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
@@ -678,17 +692,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.test_dataset = _FileImages(test, mode, self._transforms(train=False))
 
     def _loader(self, dataset: _FileImages | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageFolderDataModule: call setup() (the Trainer does) before asking for a dataloader")
-        common = {
-            "drop_last": train and len(dataset) >= self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
-        if train:  # seeded order per epoch, position saved in checkpoints (exact resume of the order)
-            return resumable_train_loader(dataset, self.batch_size, default_seed(), trainer=self.trainer, **common)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **common)
+        return image_dataloader(self, dataset, self.batch_size, self.num_workers, train)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
