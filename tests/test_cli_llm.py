@@ -41,6 +41,16 @@ def test_every_llm_config_trains_two_steps(config, tmp_path):
     assert list(Path(tmp_path, "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
+def test_experiment_llm_config_trains_two_steps(tmp_path):
+    """The config of experiments/llm_compare.py works as shipped (the driver adds seeds and paths)."""
+    config = ROOT / "experiments" / "configs" / "llm_compare.yaml"
+    cli = build_cli(["fit", "--config", str(config), *tiny_run_args(tmp_path), *SMALL_DATA,
+                     "--model.init_args.connectivity=ancre"])
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert cli.model.connectivity.name == "ancre"
+
+
 @pytest.mark.parametrize("trainer_config", ["cpu.yaml", "gpu.yaml"])
 def test_single_process_trainer_configs(trainer_config, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), "--config", str(CONFIGS / "trainer" / trainer_config)]
