@@ -30,3 +30,16 @@ def tiny_run_args(tmp_path: Path, steps: int = 2) -> list[str]:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models run faster on one intra-op thread, and much faster on a busy machine.
+
+    Use it for a whole module with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,13 +42,7 @@ from conftest import CONFIGS
 CALLBACKS = [GateTemperatureAnnealing, GateSparsity, GateVisualization, EarlyExitEvaluation]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,12 +27,7 @@ from conftest import CONFIGS, tiny_run_args
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 class PoisonedLLM(LLMModule):
