@@ -9,6 +9,7 @@ started again, so an interrupted sweep can simply be launched again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -116,6 +117,61 @@ def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | N
         if running:
             time.sleep(poll_s)
     return status
+
+
+def sweep_parser(description: str, name: str, default_jobs: int, quick_help: str, override_example: str) -> argparse.ArgumentParser:
+    """The options every sweep driver has: where runs and the report go, parallelism, report-only,
+    the quick check and extra ``ancre`` overrides. ``name`` picks the default folders
+    ``experiments/runs/<name>`` (``<name>_quick`` with ``--quick``) and ``experiments/out/<driver>``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help=f"where the runs go, resumable (default experiments/runs/{name}; with --quick experiments/runs/{name}_quick)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="figures and JSON (default experiments/out/<driver>; with --quick <runs-dir>/report)")
+    p.add_argument("--jobs", type=int, default=default_jobs, help="runs at a time")
+    p.add_argument("--threads", type=int, default=None, help="threads per run (default: CPUs / jobs)")
+    p.add_argument("--report-only", action="store_true", help="only re-read finished runs and write the report")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
+                   help=f"extra ancre override for every run, e.g. --override={override_example}")
+    return p
+
+
+def resolve_folders(args: argparse.Namespace, name: str, out_name: str) -> None:
+    """Fill in ``args.runs_dir`` and ``args.out`` where the command line left them out."""
+    args.runs_dir = args.runs_dir or EXPERIMENTS / "runs" / (f"{name}_quick" if args.quick else name)
+    args.out = args.out or (args.runs_dir / "report" if args.quick else EXPERIMENTS / "out" / out_name)
+
+
+def launch_unless_report_only(args: argparse.Namespace, specs: list[RunSpec]) -> None:
+    """Run the sweep's unfinished runs (skipped with ``--report-only``) and name the failed ones."""
+    if args.report_only:
+        return
+    status = launch(specs, args.runs_dir, args.jobs, args.threads)
+    failed = [n for n, rc in status.items() if rc != 0]
+    if failed:
+        print(f"failed runs: {failed} (their logs: <runs-dir>/<name>/train.log)", flush=True)
+
+
+def run_record(runs_dir: Path, runs: dict, expected_runs: int) -> dict:
+    """The head of a report's ``results.json``: where the runs are, how many finished, their commands."""
+    if not runs:
+        raise SystemExit(f"no finished runs under {runs_dir}; run without --report-only first")
+    return {
+        "runs_dir": str(runs_dir),
+        "expected_runs": expected_runs,
+        "finished_runs": len(runs),
+        "commands": {name: done_info(runs_dir, name)["command"][3:] for name in runs},
+    }
+
+
+def write_report(out: Path, results: dict, table_md: str, figures: list[Path]) -> None:
+    """Write ``results.json`` (with the machine) and ``table.md`` to ``out``; print the table and the files."""
+    results = {**results, "machine": machine()}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "table.md").write_text(table_md, encoding="utf-8")
+    print(table_md)
+    print("wrote " + ", ".join(str(p) for p in [*figures, out / "results.json"]))
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -24,7 +24,6 @@ Finished runs are skipped, so the same command resumes an interrupted sweep::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -40,12 +39,15 @@ from _runs import (  # noqa: E402
     interpolate_crossing,
     is_done,
     last_checkpoint,
-    launch,
+    launch_unless_report_only,
     log_dir,
-    machine,
     mean_std,
     new_figure,
     read_scalars,
+    resolve_folders,
+    run_record,
+    sweep_parser,
+    write_report,
 )
 
 CONFIG = EXPERIMENTS / "configs" / "llm_compare.yaml"
@@ -223,46 +225,24 @@ def table(by_conn: dict, runs: dict) -> str:
 def report(runs_dir: Path, out: Path, connectivities: list[str], seeds: list[int]) -> dict:
     """Read the finished runs and write the figures, ``results.json`` and ``table.md``."""
     runs = collect(runs_dir, connectivities, seeds)
-    if not runs:
-        raise SystemExit(f"no finished runs under {runs_dir}; run without --report-only first")
+    head = run_record(runs_dir, runs, len(connectivities) * len(seeds))
     by_conn = summarize(runs, connectivities)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, by_conn, out / "val_loss.png")
     has_gates = plot_gates(runs, out / "ancre_gates.png")
-    results = {
-        "runs_dir": str(runs_dir),
-        "config": str(CONFIG.relative_to(EXPERIMENTS.parent)),
-        "expected_runs": len(connectivities) * len(seeds),
-        "finished_runs": len(runs),
-        "commands": {name: done_info(runs_dir, name)["command"][3:] for name in runs},
-        "connectivities": by_conn,
-        "runs": runs,
-        "machine": machine(),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "table.md").write_text(table(by_conn, runs), encoding="utf-8")
-    print(table(by_conn, runs))
-    print(f"wrote {out / 'val_loss.png'}" + (f", {out / 'ancre_gates.png'}" if has_gates else "") + f", {out / 'results.json'}")
+    results = {**head, "config": str(CONFIG.relative_to(EXPERIMENTS.parent)), "connectivities": by_conn, "runs": runs}
+    write_report(out, results, table(by_conn, runs), [out / "val_loss.png"] + ([out / "ancre_gates.png"] if has_gates else []))
     return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description="residual vs ANCRe vs ACN vs DenseFormer on the Wikipedia byte corpus")
-    p.add_argument("--runs-dir", type=Path, default=None,
-                   help="where the runs go, resumable (default experiments/runs/llm; with --quick experiments/runs/llm_quick)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="figures and JSON (default experiments/out/llm_compare; with --quick <runs-dir>/report)")
+    p = sweep_parser("residual vs ANCRe vs ACN vs DenseFormer on the Wikipedia byte corpus", "llm", 2,
+                     "tiny end-to-end check: 2 blocks, 4 steps, seed 0", "--model.init_args.n_layers=6")
     p.add_argument("--connectivities", nargs="+", default=CONNECTIVITIES, help="wirings to compare")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (model init and data order)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's 800)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: the config's 50)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    p.add_argument("--threads", type=int, default=None, help="threads per run (default: CPUs / jobs)")
-    p.add_argument("--report-only", action="store_true", help="only re-read finished runs and write the report")
-    p.add_argument("--quick", action="store_true", help="tiny end-to-end check: 2 blocks, 4 steps, seed 0")
-    p.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
-                   help="extra ancre override for every run, e.g. --override=--model.init_args.n_layers=6")
     return p.parse_args(argv)
 
 
@@ -276,13 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.val_every = args.val_every or 2
         if args.seeds == [0, 1, 2]:
             args.seeds = [0]
-    args.runs_dir = args.runs_dir or EXPERIMENTS / "runs" / ("llm_quick" if args.quick else "llm")
-    args.out = args.out or (args.runs_dir / "report" if args.quick else EXPERIMENTS / "out" / "llm_compare")
-    if not args.report_only:
-        status = launch(specs(args.connectivities, args.seeds, args.steps, args.val_every, extra), args.runs_dir, args.jobs, args.threads)
-        failed = [n for n, rc in status.items() if rc != 0]
-        if failed:
-            print(f"failed runs: {failed} (their logs: <runs-dir>/<name>/train.log)", flush=True)
+    resolve_folders(args, "llm", "llm_compare")
+    launch_unless_report_only(args, specs(args.connectivities, args.seeds, args.steps, args.val_every, extra))
     return report(args.runs_dir, args.out, args.connectivities, args.seeds)
 
 

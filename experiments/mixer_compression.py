@@ -27,14 +27,12 @@ Finished runs are skipped, so the same command resumes::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import (  # noqa: E402
-    EXPERIMENTS,
     ROOT,
     RunSpec,
     ancre_coefficients,
@@ -42,11 +40,14 @@ from _runs import (  # noqa: E402
     draw_heatmap,
     is_done,
     last_checkpoint,
-    launch,
+    launch_unless_report_only,
     log_dir,
-    machine,
     new_figure,
     read_scalars,
+    resolve_folders,
+    run_record,
+    sweep_parser,
+    write_report,
 )
 
 WIRINGS = ["residual", "acn", "ancre"]
@@ -234,47 +235,24 @@ def table(runs: dict, rows: list[dict]) -> str:
 def report(runs_dir: Path, out: Path, wirings: list[str], seeds: list[int]) -> dict:
     """Read the finished runs and write ``exits.png``, ``ancre_gates.png``, ``results.json`` and ``table.md``."""
     runs = collect(runs_dir, wirings, seeds)
-    if not runs:
-        raise SystemExit(f"no finished runs under {runs_dir}; run without --report-only first")
+    head = run_record(runs_dir, runs, len(wirings) * len(seeds))
     rows = compare(runs, seeds)
     out.mkdir(parents=True, exist_ok=True)
     plot_exits(runs, out / "exits.png")
     has_gates = plot_gates(runs, out / "ancre_gates.png")
-    results = {
-        "runs_dir": str(runs_dir),
-        "expected_runs": len(wirings) * len(seeds),
-        "finished_runs": len(runs),
-        "commands": {name: done_info(runs_dir, name)["command"][3:] for name in runs},
-        "equal_accuracy_fraction_of_residual": EQUAL_ACCURACY,
-        "layers_at_equal_accuracy": rows,
-        "runs": runs,
-        "machine": machine(),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    text = table(runs, rows)
-    (out / "table.md").write_text(text, encoding="utf-8")
-    print(text)
-    print(f"wrote {out / 'exits.png'}" + (f", {out / 'ancre_gates.png'}" if has_gates else "") + f", {out / 'results.json'}")
+    results = {**head, "equal_accuracy_fraction_of_residual": EQUAL_ACCURACY, "layers_at_equal_accuracy": rows, "runs": runs}
+    write_report(out, results, table(runs, rows), [out / "exits.png"] + ([out / "ancre_gates.png"] if has_gates else []))
     return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description="Res-Mixer vs AC-Mixer vs ANCRe-Mixer on Fashion-MNIST: per-exit accuracy and cutoff layers")
-    p.add_argument("--runs-dir", type=Path, default=None,
-                   help="where the runs go, resumable (default experiments/runs/mixer; with --quick experiments/runs/mixer_quick)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="figures and JSON (default experiments/out/mixer_compression; with --quick <runs-dir>/report)")
+    p = sweep_parser("Res-Mixer vs AC-Mixer vs ANCRe-Mixer on Fashion-MNIST: per-exit accuracy and cutoff layers", "mixer", 1,
+                     "tiny end-to-end check: 3 blocks, 3 steps", "--model.init_args.dim=96")
     p.add_argument("--wirings", nargs="+", default=WIRINGS, help="wirings to compare (configs mixer_fmnist_<wiring>.yaml)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds")
     p.add_argument("--depth", type=int, default=None, help="Mixer blocks K (default 12)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=None, help="threads per run (default: CPUs / jobs)")
-    p.add_argument("--report-only", action="store_true", help="only re-read finished runs and write the report")
-    p.add_argument("--quick", action="store_true", help="tiny end-to-end check: 3 blocks, 3 steps")
-    p.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
-                   help="extra ancre override for every run, e.g. --override=--model.init_args.dim=96")
     return p.parse_args(argv)
 
 
@@ -287,13 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.epochs is not None:
         overrides.append(f"--trainer.max_epochs={args.epochs}")
     overrides += args.override
-    args.runs_dir = args.runs_dir or EXPERIMENTS / "runs" / ("mixer_quick" if args.quick else "mixer")
-    args.out = args.out or (args.runs_dir / "report" if args.quick else EXPERIMENTS / "out" / "mixer_compression")
-    if not args.report_only:
-        status = launch(specs(args.wirings, args.seeds, overrides), args.runs_dir, args.jobs, args.threads)
-        failed = [n for n, rc in status.items() if rc != 0]
-        if failed:
-            print(f"failed runs: {failed} (their logs: <runs-dir>/<name>/train.log)", flush=True)
+    resolve_folders(args, "mixer", "mixer_compression")
+    launch_unless_report_only(args, specs(args.wirings, args.seeds, overrides))
     return report(args.runs_dir, args.out, args.wirings, args.seeds)
 
 
