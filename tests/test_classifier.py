@@ -26,13 +26,7 @@ CPU_CONFIGS = [c for c in CLASSIFIER_CONFIGS if "_fmnist_" in c]
 WIRINGS = ["residual", "ancre", "acn", "denseformer"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_net(arch: str, connectivity: str = "residual", **kw) -> nn.Module:
@@ -197,6 +191,14 @@ def test_gates_of_every_stage_get_their_own_undecayed_group():
     decayed = {id(p) for p in groups["decay"]["params"]}
     assert all(id(p) not in decayed for p in gates)
     assert all(p.ndim >= 2 for p in groups["decay"]["params"])
+
+
+def test_learned_position_table_is_not_decayed():
+    learned = tiny_module("vit", pos_embed="learned")
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in learned.parameter_groups()}
+    assert id(learned.net.pos_embed) in groups["no_decay"] and id(learned.net.pos_embed) not in groups["decay"]
+    assert id(learned.net.patch_embed.proj.weight) in groups["decay"]
+    assert tiny_module("vit").net.no_weight_decay() == set()  # sin-cos positions are a buffer
 
 
 def test_training_step_with_mixup_and_cutmix_uses_soft_targets():

@@ -204,6 +204,10 @@ class VisionTransformer(nn.Module):
         """The wiring of the blocks (a :class:`~ancre_lightning.connectivity.Connectivity`)."""
         return self.stack.connectivity
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (timm's convention): a learned position table."""
+        return {"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else set()
+
     def forward_features(self, x: Tensor, return_exits: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Token states before the final norm: (B, N, D), and the K+1 exits (each (B, N, D)) if asked."""
         check_images(x, self.in_chans, self.img_size, "ViT")

@@ -138,14 +138,18 @@ class ConnectivityModule(L.LightningModule):
             torch.manual_seed(seed)
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay)."""
+        """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay).
+
+        Parameters the network names in ``no_weight_decay()`` (timm's convention, e.g. a learned
+        position table) are not decayed either."""
         gates = self.gate_parameters()
         gate_ids = {id(p) for p in gates}
+        exempt = set(self.net.no_weight_decay()) if hasattr(self.net, "no_weight_decay") else set()
         decay, no_decay = [], []
-        for p in self.net.parameters():
+        for name, p in self.net.named_parameters():
             if not p.requires_grad or id(p) in gate_ids:
                 continue
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and name not in exempt else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
