@@ -13,6 +13,7 @@ from ancre_lightning.connectivity import (
     weighted_sum,
     weighted_sum_loop,
 )
+from ancre_lightning.errors import UserInputError
 
 D = 6
 
@@ -308,3 +309,9 @@ def test_bad_names_and_options_are_explained():
         build_connectivity("fixed", 3, edges=["a-b"])
     with pytest.raises(ValueError, match="3 blocks but .* num_layers=4"):
         ConnectedStack([TinyBlock(True) for _ in range(3)], build_connectivity("residual", 4))
+
+
+def test_denseformer_period_beyond_the_depth_is_refused():
+    with pytest.raises(UserInputError, match="period=7 is larger than the 6 blocks"):
+        build_connectivity("denseformer", 6, period=7)
+    assert build_connectivity("denseformer", 6, period=6).dwa_weights.numel() == 7  # one DWA, after the last block

@@ -32,6 +32,11 @@ class DenseFormer(Connectivity):
         super().__init__(num_layers)
         if int(dilation) < 1 or int(period) < 1:
             raise UserInputError(f"denseformer dilation and period must be >= 1, got dilation={dilation}, period={period}")
+        if int(period) > int(num_layers):
+            raise UserInputError(
+                f"denseformer period={period} is larger than the {num_layers} blocks, so no block would get a weighted "
+                f"average and the network would be a plain residual one; use a period <= {num_layers} (1: after every block)"
+            )
         self.dilation = int(dilation)
         self.period = int(period)
         k = self.num_layers
