@@ -101,6 +101,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
         subclass_mode_data=True,
         save_config_callback=ResumeStateCallback,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},  # --trainer.max_step is an error, not max_steps
         args=args,
         run=run,
     )

@@ -73,6 +73,9 @@ def snapshot(root: Path) -> dict[str, str]:
         ("--trainer.max_stesp=3", "unknown option 'trainer.max_stesp' (did you mean 'max_steps'?)"),
         ("--data.init_args.seq_length=64", "(did you mean 'seq_len'?)"),
         ("--trainr.max_steps=3", "(did you mean 'trainer'?)"),
+        # a prefix of a real option is not silently taken for it
+        ("--trainer.max_step=3", "unknown option 'trainer.max_step' (did you mean 'max_steps'?)"),
+        ("--model.init_args.n_lay=3", "unknown option 'model.init_args.n_lay' (did you mean 'n_layers'?)"),
     ],
 )
 def test_misspelt_key_on_the_command_line_gets_a_hint(override, message, capsys):
