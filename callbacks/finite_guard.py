@@ -6,7 +6,9 @@ A NaN in the loss or in the gate logits poisons every later step and, if nothing
 1. the loss and every connectivity's gate parameters, before the backward pass;
 2. every gradient, before the optimizer step (not under ``16-mixed``, whose grad scaler skips
    steps with inf gradients by design);
-3. the gate parameters again after the optimizer step, before any checkpoint of that step is saved.
+3. the gate parameters again after the optimizer step, before any checkpoint of that step is saved;
+
+and it warns (without stopping) about a NaN or inf validation metric.
 
 On a non-finite value it writes ``<log_dir>/nonfinite-step<N>.ckpt`` (the model ``state_dict``,
 hyper-parameters, the step, the names and values of the offending tensors, the batch and, by
@@ -99,6 +101,23 @@ class FiniteGuard(Callback):
         if self._gates and step >= 0 and self._due(step):
             self._check(trainer, pl_module, self._gate_values(), step, "after the optimizer update of")
         self._batch = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn about a NaN or inf validation metric. Training values are checked every step, so
+        the weights are finite: the run goes on and nothing is written."""
+        if self.every_n_steps == 0 or trainer.sanity_checking:
+            return
+        bad = [
+            f"{name} = {float(value)}"
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("val") and torch.is_tensor(value) and value.numel() == 1 and not math.isfinite(float(value))
+        ]
+        if bad:
+            rank_zero_warn(
+                f"FiniteGuard: {', '.join(bad)} in the validation after step {trainer.global_step}, with finite weights; "
+                "training goes on (a checkpoint monitor counts it as the worst value). Look for an overflow in "
+                "evaluation (16-bit precision) or an empty validation set."
+            )
 
     # --- checks ---------------------------------------------------------------------------------
     def _due(self, step: int) -> bool:

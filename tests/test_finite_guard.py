@@ -203,3 +203,24 @@ def test_ddp_ranks_stop_together(tmp_path):
     assert len(list(Path(tmp_path, "logs").rglob("nonfinite-step1.ckpt"))) == 1
     last = next(Path(tmp_path, "logs").rglob("last.ckpt"))
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
+
+
+class NaNValidationLLM(LLMModule):
+    """Finite training, but a validation loss that is NaN."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(NAN))
+
+
+def test_nan_validation_metric_warns_and_training_goes_on(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = NaNValidationLLM(dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+    trainer = L.Trainer(
+        max_steps=4, val_check_interval=2, limit_val_batches=1, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[FiniteGuard()],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"FiniteGuard: val/loss = nan in the validation after step 2") as record:
+        trainer.fit(model, datamodule=text_data())
+    assert trainer.global_step == 4
+    assert sum("FiniteGuard" in str(w.message) for w in record) == 2  # after step 2 and after step 4
