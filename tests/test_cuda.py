@@ -80,3 +80,55 @@ def test_fused_forward_is_one_triton_kernel():
     print(f"triton kernels: forward {n_fwd}, backward {n_bwd}")
     assert n_fwd == 1, f"forward has {n_fwd} kernels"
     assert 1 <= n_bwd <= 3, f"backward has {n_bwd} kernels"
+
+
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_compiled_llm_trains_on_cuda_with_fused_adamw(compile_mode):
+    """``compile: <mode>`` through the Trainer on the GPU, bf16-mixed, fused AdamW, with a
+    validation in the middle: finite losses, moving weights; with ``reduce-overhead`` the steps
+    replay CUDA graphs (inductor skipped none) and the gates keep learning."""
+    import lightning as L
+    from torch._dynamo.utils import counters
+
+    from ancre_lightning.callbacks import GateTemperatureAnnealing
+    from ancre_lightning.datamodules import TextDataModule
+    from ancre_lightning.modules import LLMModule
+
+    L.seed_everything(0, verbose=False)
+    torch._dynamo.reset()
+    counters.clear()
+    module = LLMModule(dim=64, n_layers=4, n_heads=4, max_seq_len=32, connectivity="ancre", warmup_steps=2,
+                       compile=compile_mode)
+    gates_before = module.connectivity.gate_logits.detach().clone()
+    data = TextDataModule(corpus="wikipedia", seq_len=32, batch_size=8, max_train_tokens=16384, max_val_tokens=2048)
+    trainer = L.Trainer(max_steps=8, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=4,
+                        callbacks=[GateTemperatureAnnealing(start=1.0, end=0.1, schedule="exponential")])
+    trainer.fit(module, datamodule=data)
+    assert module.trainer.optimizers[0].defaults["fused"]
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert not torch.equal(module.connectivity.gate_logits.detach().cpu(), gates_before)
+    if compile_mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("precision,clip,fused", [("bf16-mixed", 0.05, True), ("16-mixed", 0.05, False), ("16-mixed", None, True)])
+def test_adamw_choice_and_clipping_under_cuda_amp(precision, clip, fused):
+    """Float16 AMP scales the gradients: with clipping the optimiser is the foreach AdamW (Lightning
+    unscales, then clips); otherwise, and under bfloat16, the fused one, clipped by the module."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from test_llm_model import GradNorms, small_module
+
+    module, norms = small_module(), GradNorms()
+    ids = torch.randint(0, 257, (8, 17))
+    loader = DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="gpu", devices=1, precision=precision, gradient_clip_val=clip,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[norms])
+    trainer.fit(module, train_dataloaders=loader)
+    assert bool(trainer.optimizers[0].defaults["fused"]) is fused
+    if clip:
+        assert max(norms.after) == pytest.approx(clip, rel=1e-2)

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserInputError
 from ..models import MLPMixer, ResNet, VisionTransformer
-from .base import ConnectivityModule
+from .base import CompileMode, ConnectivityModule
 
 Arch = Literal["vit", "mixer", "resnet"]
 ARCHS: tuple[str, ...] = ("vit", "mixer", "resnet")
@@ -120,7 +120,9 @@ class ClassifierModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
         gate_lr: learning rate of the connectivity's gate parameters (default: lr).
-        compile: compile the network with torch.compile.
+        compile: compile the network with torch.compile: false, true, or a torch.compile mode
+            (``reduce-overhead`` adds CUDA graphs on a GPU).
+        fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
     """
 
     exit_task = "classification"
@@ -161,9 +163,10 @@ class ClassifierModule(ConnectivityModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.01,
         gate_lr: float | None = None,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
+        fused_optimizer: bool = True,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         if arch not in ARCHS:
             raise UserInputError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         if not 0.0 <= label_smoothing < 1.0:

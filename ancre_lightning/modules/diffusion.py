@@ -28,7 +28,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import UserInputError
 from ..models.dit import DiT
-from .base import ConnectivityModule
+from .base import CompileMode, ConnectivityModule
 
 __all__ = ["DiffusionModule", "EMAWarmup", "SAMPLERS", "build_sampler", "to_uint8"]
 
@@ -130,7 +130,9 @@ class DiffusionModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio (1.0: constant after warm-up).
         gate_lr: learning rate of the connectivity's gate logits (default: lr).
-        compile: compile the network with torch.compile.
+        compile: compile the network with torch.compile: false, true, or a torch.compile mode
+            (``reduce-overhead`` adds CUDA graphs on a GPU).
+        fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
     """
 
     exit_task = "regression"
@@ -167,9 +169,10 @@ class DiffusionModule(ConnectivityModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
         gate_lr: float | None = None,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
+        fused_optimizer: bool = True,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "Set prediction_type accordingly.")
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES, "Set beta_schedule accordingly.")
         _check_choice("sampler", sampler, list(SAMPLERS), "Set sampler accordingly.")

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from ..models import CausalLM
-from .base import ConnectivityModule
+from .base import CompileMode, ConnectivityModule
 from ..errors import UserInputError
 
 
@@ -40,7 +40,9 @@ class LLMModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
         gate_lr: learning rate of the gate logits (default: lr).
-        compile: compile the network with torch.compile.
+        compile: compile the network with torch.compile: false, true, or a torch.compile mode
+            (``reduce-overhead`` adds CUDA graphs on a GPU).
+        fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
     """
 
     def __init__(
@@ -62,9 +64,10 @@ class LLMModule(ConnectivityModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         gate_lr: float | None = None,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
+        fused_optimizer: bool = True,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         self.save_hyperparameters()
         self.net = CausalLM(
             vocab_size,
