@@ -214,8 +214,11 @@ LLM_QUICK: dict[str, Any] = {"n_layers": 2, "dim": 32, "n_heads": 2, "mlp_hidden
 MODEL_KEYS = ("n_layers", "dim", "n_heads", "mlp_hidden", "seq_len", "batch_size", "precision")
 CONNECTIVITIES = ("residual", "ancre", "acn", "denseformer")
 #: eager: the model runs eagerly, every merge is our fused kernel; compile: the whole inner network
-#: compiled in place (the ``compile: true`` path); eager-loop: eager with the plain loop merge.
-MODES = ("eager", "compile", "eager-loop")
+#: compiled in place (the ``compile: true`` path); compile-graphs: the same with CUDA graphs
+#: (``compile: reduce-overhead``; on a CPU the same as compile); eager-loop: eager with the plain
+#: loop merge.
+MODES = ("eager", "compile", "compile-graphs", "eager-loop")
+_COMPILE_OPTION = {"eager": False, "eager-loop": False, "compile": True, "compile-graphs": "reduce-overhead"}
 
 
 def llm_shape(device: torch.device) -> dict[str, Any]:
@@ -231,10 +234,14 @@ def autocast(device: torch.device, precision: str):
     raise UserInputError(f"precision must be '32-true' or 'bf16-mixed', got {precision!r}")
 
 
-def build_llm(connectivity: str, mode: str, shape: Mapping[str, Any], device: torch.device, seed: int = 0):
+def build_llm(
+    connectivity: str, mode: str, shape: Mapping[str, Any], device: torch.device, seed: int = 0,
+    fused_optimizer: bool = True,
+):
     """An :class:`~ancre_lightning.modules.LLMModule` at the benchmark shape and its AdamW (the
-    module's own parameter groups). ``compile`` mode goes through ``configure_model()``, the path
-    of ``compile: true``: ``net.compile()`` in place."""
+    module's own, :meth:`~ancre_lightning.modules.ConnectivityModule.build_optimizer`). The
+    compiled modes go through ``configure_model()``, the path of ``compile: true`` (or
+    ``reduce-overhead``): ``net.compile()`` in place."""
     from ..modules import LLMModule
 
     if mode not in MODES:
@@ -249,11 +256,11 @@ def build_llm(connectivity: str, mode: str, shape: Mapping[str, Any], device: to
         max_seq_len=shape["seq_len"],
         connectivity=connectivity,
         aggregation="loop" if mode == "eager-loop" else "fused",
-        compile=mode == "compile",
+        compile=_COMPILE_OPTION[mode],
+        fused_optimizer=fused_optimizer,
     ).to(device)
     module.configure_model()
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-4, betas=module.betas)
-    return module, optimizer
+    return module, module.build_optimizer()
 
 
 def random_batch(shape: Mapping[str, Any], device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +276,7 @@ def train_step_fn(module, optimizer, batch, device: torch.device, precision: str
     input_ids, labels = batch
 
     def step() -> None:
+        module.mark_cuda_graph_step()  # as the trainer does at every batch (CUDA graphs only)
         with autocast(device, precision):
             logits = net(input_ids)  # (B, T, V)
             loss = module.lm_loss(logits, labels)

@@ -127,7 +127,7 @@ def run_bare(device: torch.device, shape: dict[str, Any], connectivity: str, dat
     datamodule.setup("fit")
     net = module.net.to(device)
     net.train()
-    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=module.lr, betas=module.betas)
+    optimizer = module.build_optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(module.warmup_steps, total, module.min_lr_ratio))
     stamps: list[float] = []
     batches = iter(datamodule.train_dataloader())
