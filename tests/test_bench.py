@@ -13,7 +13,10 @@ import pytest
 
 from ancre_lightning.bench import SUITES
 from ancre_lightning.bench.__main__ import main
-from ancre_lightning.bench.aggregation import impl_bytes, needed_bytes
+import torch
+
+from ancre_lightning.bench.aggregation import impl_bytes, needed_bytes, row_shape, weighted_sum_rowwise
+from ancre_lightning.connectivity import weighted_sum_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 
@@ -52,13 +55,30 @@ def test_aggregation_fields(doc):
     ks = result["settings"]["ks"]
     assert result["kernels"]["forward_kernels"] == 1 and result["kernels"]["backward_kernels"] == 1
     rows = {(r["k"], r["direction"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == {(k, d, i) for k in ks for d in ("forward", "forward+backward") for i in ("loop", "stacked", "fused")}
+    assert set(rows) == {(k, d, i) for k in ks for d in ("forward", "forward+backward") for i in ("loop", "stacked", "fused", "fused-rows")}
+    assert result["kernels"]["rows_forward_kernels"] == 1 and result["kernels"]["rows_backward_kernels"] == 1
     for r in rows.values():
         for key in ("median_s", "min_s", "iqr_rel", "needed_bytes", "impl_bytes", "gbps", "ceiling_gbps", "ratio_to_ceiling", "speedup_vs_loop"):
             assert r[key] is not None and r[key] >= 0, key
         assert r["median_s"] > 0 and r["impl_bytes"] >= r["needed_bytes"]
         assert r["ratio_to_ceiling"] == pytest.approx(r["gbps"] / r["ceiling_gbps"])
     assert all(rows[k, d, "loop"]["speedup_vs_loop"] == pytest.approx(1.0) for k in ks for d in ("forward", "forward+backward"))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 512), (3, 16, 8, 8), (700,)])
+def test_rowwise_candidate_equals_the_loop(shape):
+    """The GPU candidate body: the same sum and the same gradients as the plain loop."""
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(shape, generator=gen, requires_grad=True) for _ in range(5)]
+    weights = torch.randn(5, generator=gen, requires_grad=True)
+    grad = torch.randn(shape, generator=gen)
+    expected = torch.autograd.grad(ref := weighted_sum_loop(sources, weights), [*sources, weights], grad)
+    got = torch.autograd.grad(out := weighted_sum_rowwise(sources, weights), [*sources, weights], grad)
+    torch.testing.assert_close(out, ref)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert row_shape((64, 256, 512)) == (64, 256, 1) and row_shape((64, 64, 16, 16)) == (64, 64, 1, 1)
+    assert row_shape((700,)) == (1,)
 
 
 def test_aggregation_byte_model():

@@ -9,7 +9,10 @@ the same rounds. Implementations:
   what the official code does: ``out = out + coeff * past`` one state at a time);
 - ``stacked``: ``torch.tensordot(w, torch.stack(states), 1)`` (one copy of the states, then a
   matrix-vector product);
-- ``fused``: ours (:func:`~ancre_lightning.connectivity.weighted_sum` with ``impl="fused"``).
+- ``fused``: ours (:func:`~ancre_lightning.connectivity.weighted_sum` with ``impl="fused"``);
+- ``fused-rows`` (run by default on a GPU only): a candidate body for the GPU, the same sum with
+  every weight broadcast per row (:func:`weighted_sum_rowwise`), so that the weight gradients
+  are reduced per row in the pass that writes the source gradients, then over the rows.
 
 Bytes (N = elements of one state, s = element size):
 
@@ -34,17 +37,59 @@ from typing import Any
 
 import torch
 
-from ..connectivity.aggregation import weighted_sum, weighted_sum_loop
+from ..connectivity.aggregation import compiled_for_arity, weighted_sum, weighted_sum_loop
 from ._common import format_table, interleaved_times, summarize, target, targets_table
 
 NAME = "aggregation"
-IMPLS = ("loop", "stacked", "fused")
+IMPLS = ("loop", "stacked", "fused", "fused-rows")
 DIRECTIONS = ("forward", "forward+backward")
 
 #: The issue's benchmark: a (8, 256, 512) float32 state, k in {4, 12, 24}.
-FULL: dict[str, Any] = {"shape": (8, 256, 512), "ks": (4, 12, 24), "dtype": "float32", "reps": 20, "warmup": 3}
+#: ``impls: None`` = loop, stacked, fused, and on a GPU also fused-rows.
+FULL: dict[str, Any] = {"shape": (8, 256, 512), "ks": (4, 12, 24), "dtype": "float32", "reps": 20, "warmup": 3,
+                        "impls": None}
 #: Seconds-long smoke run (tests).
-QUICK: dict[str, Any] = {"shape": (2, 8, 32), "ks": (2, 3), "dtype": "float32", "reps": 2, "warmup": 1}
+QUICK: dict[str, Any] = {"shape": (2, 8, 32), "ks": (2, 3), "dtype": "float32", "reps": 2, "warmup": 1,
+                         "impls": IMPLS}
+
+
+def row_shape(shape: Sequence[int], min_row: int = 256) -> tuple[int, ...]:
+    """``shape`` with its trailing dimensions set to 1, as few as make a row of >= ``min_row``
+    elements: (64, 256, 512) -> (64, 256, 1); (64, 64, 16, 16) -> (64, 64, 1, 1)."""
+    cut, row = len(shape), 1
+    while cut > 0 and row < min_row:
+        cut -= 1
+        row *= shape[cut]
+    return (*shape[:cut], *([1] * (len(shape) - cut)))
+
+
+def weighted_sum_rowwise(sources: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i weights[i] * sources[i]`` accumulated in float32, each weight broadcast as a
+    :func:`row_shape` view instead of a scalar.
+
+    Same forward. Backward, autograd reduces ``g * s_i`` over each row (the trailing dimensions)
+    and then over the rows: on a GPU the per-row reductions can share one kernel with the
+    pointwise source gradients ``w_i * g``, where a scalar weight's gradient is one reduction over
+    the whole state that Triton splits into kernels of its own. On a CPU both bodies compile to one
+    kernel each way.
+    """
+    dtype = sources[0].dtype
+    for s in sources[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    view = row_shape(sources[0].shape)
+    w = weights.reshape(-1, *([1] * sources[0].ndim))  # (k, 1, ..., 1)
+    out = sources[0].to(acc) * w[0].expand(view)  # (..., D)
+    for i in range(1, len(sources)):
+        out = out + sources[i].to(acc) * w[i].expand(view)  # (..., D)
+    return out.to(dtype)
+
+
+def fused_rowwise(sources: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    return compiled_for_arity(len(sources), weighted_sum_rowwise)(list(sources), weights)
+
+
+FUSED_BODIES = {"fused": lambda s, w: weighted_sum(s, w, "fused"), "fused-rows": fused_rowwise}
 
 
 def needed_bytes(k: int, numel: int, itemsize: int, direction: str) -> int:
@@ -56,7 +101,7 @@ def needed_bytes(k: int, numel: int, itemsize: int, direction: str) -> int:
 
 def impl_bytes(impl: str, k: int, numel: int, itemsize: int, direction: str) -> int:
     """What each implementation moves by our count of its eager passes (see the module table)."""
-    if impl == "fused":
+    if impl in FUSED_BODIES:
         return needed_bytes(k, numel, itemsize, direction)
     forward = {"loop": 5 * k - 3, "stacked": 3 * k + 1}[impl]
     backward = {"loop": 6 * k, "stacked": 2 * k + 2}[impl]
@@ -64,7 +109,7 @@ def impl_bytes(impl: str, k: int, numel: int, itemsize: int, direction: str) -> 
     return elements * numel * itemsize
 
 
-def kernel_structure(k: int, device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+def kernel_structure(k: int, device: torch.device, dtype: torch.dtype, impl: str = "fused") -> dict[str, int]:
     """Number of generated kernels in the fused forward and backward of arity ``k`` (compiled
     afresh on a small shape with the compile caches off, then the compile state is reset)."""
     from torch._inductor.utils import run_and_get_code
@@ -75,7 +120,7 @@ def kernel_structure(k: int, device: torch.device, dtype: torch.dtype) -> dict[s
     grad = torch.randn(2, 8, 64, device=device, dtype=dtype)
 
     def forward_backward() -> None:
-        out = weighted_sum(sources, weights, "fused")
+        out = FUSED_BODIES[impl](sources, weights)
         torch.autograd.grad(out, [*sources, weights], grad)
 
     with torch._inductor.config.patch(force_disable_caches=True):
@@ -94,7 +139,13 @@ def run(
     dtype: str = FULL["dtype"],
     reps: int = FULL["reps"],
     warmup: int = FULL["warmup"],
+    impls: Sequence[str] | None = FULL["impls"],
 ) -> dict[str, Any]:
+    if impls is None:
+        impls = IMPLS if device.type == "cuda" else IMPLS[:3]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown or "loop" not in impls:
+        raise SystemExit(f"aggregation.impls must include 'loop' and be among {IMPLS}, got {list(impls)}")
     torch_dtype = getattr(torch, dtype)
     numel = 1
     for n in shape:
@@ -102,6 +153,10 @@ def run(
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     inner = 10 if device.type == "cuda" else 1
     structure = kernel_structure(max(ks), device, torch_dtype)
+    if "fused-rows" in impls:
+        rowwise = kernel_structure(max(ks), device, torch_dtype, "fused-rows")
+        structure["rows_forward_kernels"] = rowwise["forward_kernels"]
+        structure["rows_backward_kernels"] = rowwise["backward_kernels"]
 
     rows: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(0)
@@ -118,7 +173,7 @@ def run(
                 fns = {
                     "loop": lambda: weighted_sum_loop(states, weights),
                     "stacked": lambda: torch.tensordot(weights.to(torch_dtype), torch.stack(states), dims=1),
-                    "fused": lambda: weighted_sum(states, weights, "fused"),
+                    **{name: (lambda f=f: f(states, weights)) for name, f in FUSED_BODIES.items()},
                 }
             else:
                 def backward_of(forward):
@@ -130,14 +185,15 @@ def run(
                 fns = {
                     "loop": backward_of(lambda: weighted_sum_loop(leaves, leaf_w)),
                     "stacked": backward_of(lambda: torch.tensordot(leaf_w.to(torch_dtype), torch.stack(leaves), dims=1)),
-                    "fused": backward_of(lambda: weighted_sum(leaves, leaf_w, "fused")),
+                    **{name: backward_of(lambda f=f: f(leaves, leaf_w)) for name, f in FUSED_BODIES.items()},
                 }
+            fns = {name: fn for name, fn in fns.items() if name in impls}
             fns["ceiling"] = lambda: ceiling_buf.sum()
             times = interleaved_times(fns, device, reps=reps, warmup=warmup, inner=inner)
             ceiling = summarize(times["ceiling"])
             ceiling_gbps = nbytes / ceiling["median_s"] / 1e9
             loop_median = summarize(times["loop"])["median_s"]
-            for impl in IMPLS:
+            for impl in impls:
                 stats = summarize(times[impl])
                 gbps = nbytes / stats["median_s"] / 1e9
                 rows.append({
@@ -168,7 +224,7 @@ def run(
         ]
     return {
         "settings": {"shape": list(shape), "ks": list(ks), "dtype": dtype, "reps": reps, "warmup": warmup,
-                     "inner": inner, "device": str(device)},
+                     "inner": inner, "impls": list(impls), "device": str(device)},
         "kernels": structure,
         "rows": rows,
         "targets": targets,
@@ -181,7 +237,10 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"weighted sum of k states of shape {tuple(s['shape'])} {s['dtype']} on {s['device']}, "
         f"median of {s['reps']} interleaved rounds\n"
-        f"fused kernels generated (k={kern['k']}): forward {kern['forward_kernels']}, backward {kern['backward_kernels']}\n"
+        f"fused kernels generated (k={kern['k']}): forward {kern['forward_kernels']}, backward {kern['backward_kernels']}"
+        + (f"; fused-rows: forward {kern['rows_forward_kernels']}, backward {kern['rows_backward_kernels']}"
+           if "rows_forward_kernels" in kern else "")
+        + "\n"
     )
     rows = [
         (r["k"], r["direction"], r["impl"], r["median_s"] * 1e3, r["iqr_rel"], r["impl_bytes"] / 2**20,

@@ -77,11 +77,13 @@ def weighted_sum_accumulate(sources: Sequence[Tensor], weights: Tensor) -> Tenso
     return out.to(dtype)
 
 
-_FUSED_BY_ARITY: dict[int, Callable[[Sequence[Tensor], Tensor], Tensor]] = {}
+_COMPILED: dict[tuple[Callable, int], Callable[[Sequence[Tensor], Tensor], Tensor]] = {}
 
 
-def _compiled_for_arity(n: int) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
-    """One compiled function (one forward kernel, one backward kernel) per number of sources.
+def compiled_for_arity(
+    n: int, body: Callable[[Sequence[Tensor], Tensor], Tensor] = weighted_sum_accumulate
+) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
+    """``body`` compiled (one forward kernel, one backward kernel) for ``n`` sources.
 
     Dynamo keeps its cache (and its recompile limit) per code object. A stack of K blocks merges
     2..K+1 sources, so one shared function would spend the limit on arities alone; a renamed copy
@@ -95,13 +97,14 @@ def _compiled_for_arity(n: int) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
     of raising in the middle of training. The body has no graph break (the kernel-count test in
     ``tests/test_aggregation.py`` would see one).
     """
-    fn = _FUSED_BY_ARITY.get(n)
+    fn = _COMPILED.get((body, n))
     if fn is None:
-        code = weighted_sum_accumulate.__code__.replace(co_name=f"weighted_sum_{n}")
-        plain = types.FunctionType(code, weighted_sum_accumulate.__globals__, f"weighted_sum_{n}")
-        plain.__doc__ = weighted_sum_accumulate.__doc__
+        name = f"{body.__name__}_{n}"
+        code = body.__code__.replace(co_name=name)
+        plain = types.FunctionType(code, body.__globals__, name)
+        plain.__doc__ = body.__doc__
         fn = torch.compile(plain, dynamic=False)
-        _FUSED_BY_ARITY[n] = fn
+        _COMPILED[body, n] = fn
     return fn
 
 
@@ -125,4 +128,4 @@ def weighted_sum(sources: Sequence[Tensor], weights: Tensor, impl: AggregationIm
         return weighted_sum_loop(sources, weights)
     if torch.compiler.is_compiling():
         return weighted_sum_accumulate(sources, weights)  # traced into the outer graph
-    return _compiled_for_arity(len(sources))(list(sources), weights)
+    return compiled_for_arity(len(sources))(list(sources), weights)
