@@ -159,6 +159,12 @@ class GateTemperatureAnnealing(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resolve_total_steps(trainer)
+        if self.steps is None and trainer.max_steps > 0 and self._total_steps != trainer.max_steps:
+            rank_zero_warn(
+                f"GateTemperatureAnnealing keeps the length it was started with (from the checkpoint): tau "
+                f"reaches {self.end} at step {self._total_steps}, while this run trains to step {trainer.max_steps}. "
+                "Set the callback's steps to choose another length."
+            )
         self._apply(pl_module, trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

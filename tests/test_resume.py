@@ -208,6 +208,28 @@ def test_llm_resume_equals_straight_run(tmp_path):
     assert cli.trainer.strategy.checkpoint_io.__class__ is AtomicCheckpointIO
 
 
+def test_resuming_with_more_steps_says_the_schedules_keep_their_length(tmp_path):
+    """A resume with a larger max_steps continues the stored schedules (what makes a resume
+    exact), and says so: the learning rate and tau stay at their final values after the old end."""
+    annealing = {"class_path": "ancre_lightning.callbacks.GateTemperatureAnnealing",
+                 "init_args": {"start": 1.0, "end": 0.05, "schedule": "cosine"}}  # fmt: skip
+    config = _callbacks_config(tmp_path / "callbacks.yaml", [annealing])
+    common = [*LLM_BASE, "--config", str(config), "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
+              f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]  # fmt: skip
+    build_cli(["fit", *common, "--trainer.max_steps=3"])
+    with pytest.warns(UserWarning) as caught:
+        cli = build_cli(["fit", *common, "--trainer.max_steps=5", "--ckpt_path", "last"])
+    messages = [str(w.message) for w in caught]
+    assert any("learning-rate schedule keeps the length it was started with, 3 steps" in m and "step 5" in m
+               for m in messages), messages
+    assert any("GateTemperatureAnnealing keeps the length" in m and "at step 3" in m for m in messages), messages
+    model = cli.model
+    assert cli.trainer.global_step == 5
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(model.lr * model.min_lr_ratio)
+    assert float(model.connectivity.temperature) == pytest.approx(0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_llm_resume_on_cuda_restores_the_cuda_generator(tmp_path):
     """On a GPU dropout draws from the CUDA generator, which the checkpoint carries too (a resume

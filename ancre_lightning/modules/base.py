@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -240,10 +240,32 @@ class ConnectivityModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def schedule_length(self) -> int:
+        """Steps of the warm-up/cosine schedule of a new run: ``max_steps``, or the estimated steps
+        of ``max_epochs``."""
+        trainer = self.trainer
+        return int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
+
+    def on_train_start(self) -> None:
+        """Say so when a resumed run trains to another step than its schedule ends at: the
+        schedule keeps the length stored in the checkpoint (which makes a resume exact)."""
+        length = self.schedule_length()
+        for config in self.trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", ()):
+                if isinstance(schedule, WarmupCosine) and schedule.total_steps != length:
+                    rank_zero_warn(
+                        f"the learning-rate schedule keeps the length it was started with, {schedule.total_steps} "
+                        f"steps (from the checkpoint), while this run trains to step {length}: "
+                        + (f"the steps after {schedule.total_steps} use the final rate, lr * min_lr_ratio. "
+                           if length > schedule.total_steps else "it stops before the cosine ends. ")
+                        + "For a schedule over the new length, start a new run from these weights instead "
+                        "of resuming."
+                    )
+                    return
+
     def configure_optimizers(self):
         optimizer = self.build_optimizer()
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        schedule = WarmupCosine(self.warmup_steps, int(total), self.min_lr_ratio)
+        schedule = WarmupCosine(self.warmup_steps, self.schedule_length(), self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
