@@ -15,6 +15,7 @@ exposes ``num_classes``, ``num_channels``, ``image_size`` and ``class_names`` be
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
-from .resumable import default_seed, resumable_train_loader
+from .resumable import default_seed, evaluation_loader, resumable_train_loader
 
 __all__ = [
     "CIFAR10DataModule",
@@ -88,11 +89,26 @@ def random_horizontal_flip(images: Tensor, generator: torch.Generator | None = N
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def batch_generator(seed: int, indices: Tensor) -> torch.Generator:
+    """A random generator seeded by ``seed`` and the sample indices of a batch, in order.
+
+    The augmentation of a batch then depends on nothing else: not on the process that builds it
+    (the main one or any DataLoader worker), nor on how many batches came before, so a run resumed
+    mid-epoch draws the same crops and flips as one that never stopped. Batches of different
+    epochs hold other indices in another order, and so get other draws.
+    """
+    key = np.concatenate([[int(seed)], indices.numpy()]).astype(np.int64)
+    digest = hashlib.blake2b(key.tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
 class InMemoryImages(Dataset):
     """uint8 images held in memory; whole batches are built, augmented and normalised as tensors.
 
     The DataLoader fetches a batch with one ``__getitems__`` call (PyTorch's batched-fetch hook)
     and :func:`keep_batch` passes it through, so a batch costs a few tensor ops, not B decodes.
+    Crops and flips draw from :func:`batch_generator` (the run's seed and the batch's indices),
+    never from a process's global generator.
 
     Args:
         images: (N, C, H, W) uint8.
@@ -101,6 +117,7 @@ class InMemoryImages(Dataset):
         std: (C,) per-channel standard deviation.
         crop_padding: random-crop padding in pixels (0: no crop).
         horizontal_flip: mirror half of the images.
+        seed: seed of the augmentation (default: the run's, :func:`default_seed`).
     """
 
     def __init__(
@@ -111,6 +128,7 @@ class InMemoryImages(Dataset):
         std: Tensor,
         crop_padding: int = 0,
         horizontal_flip: bool = False,
+        seed: int | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -122,6 +140,7 @@ class InMemoryImages(Dataset):
         self.shift = (mean.float() / std.float()).view(1, -1, 1, 1)  # (1, C, 1, 1)
         self.crop_padding = int(crop_padding)
         self.horizontal_flip = bool(horizontal_flip)
+        self.seed = default_seed() if seed is None else int(seed)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -129,9 +148,11 @@ class InMemoryImages(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)  # (B,)
         x = self.images[index].float()  # (B, C, H, W) in 0..255
-        x = random_crop(x, self.crop_padding)  # zero padding = black, before normalising
-        if self.horizontal_flip:
-            x = random_horizontal_flip(x)
+        if self.crop_padding > 0 or self.horizontal_flip:
+            generator = batch_generator(self.seed, index)
+            x = random_crop(x, self.crop_padding, generator)  # zero padding = black, before normalising
+            if self.horizontal_flip:
+                x = random_horizontal_flip(x, generator)
         return x * self.scale - self.shift, self.labels[index]  # (B, C, H, W), (B,)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
@@ -166,7 +187,7 @@ def image_dataloader(
         common["collate_fn"] = collate_fn
     if train:
         return resumable_train_loader(dataset, batch_size, default_seed(), trainer=owner.trainer, **common)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    return evaluation_loader(dataset, batch_size, **common)
 
 
 # --------------------------------------------------------------------------- in-memory data modules

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "default_seed", "resumable_train_loader"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "default_seed", "evaluation_loader", "resumable_train_loader"]
 
 
 def default_seed() -> int:
@@ -171,3 +171,15 @@ def resumable_train_loader(
     rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
     sampler = ResumableSampler(dataset, shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    """A plain, unshuffled loader for validation or test that never draws from the global random
+    generator.
+
+    Every new DataLoader iterator draws the base seed of its workers from the loader's generator,
+    or from the global one when it has none. Lightning creates a validation iterator when a resumed
+    run marks the skipped validation as done, so without a generator of its own that draw would
+    shift the training's random stream (noise, dropout) after a resume.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(), **kwargs)

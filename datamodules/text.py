@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .fetch import ARTIFACTS, default_cache_dir, fetch, iter_members, read_member
-from .resumable import resumable_train_loader
+from .resumable import evaluation_loader, resumable_train_loader
 from ..errors import UserInputError
 
 __all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule"]
@@ -415,7 +415,7 @@ class TextDataModule(L.LightningDataModule):
             return resumable_train_loader(
                 dataset, self.batch_size, self.seed, trainer=self.trainer, drop_last=True, **common
             )
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **common)
+        return evaluation_loader(dataset, self.batch_size, drop_last=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)

@@ -14,7 +14,13 @@ from ancre_lightning.datamodules import (
     ImageFolderDataModule,
     MNISTDataModule,
 )
-from ancre_lightning.datamodules.images import InMemoryImages, channel_stats, parse_idx, random_crop, random_horizontal_flip
+from ancre_lightning.datamodules.images import (
+    InMemoryImages,
+    channel_stats,
+    parse_idx,
+    random_crop,
+    random_horizontal_flip,
+)
 from ancre_lightning.errors import UserInputError
 
 
@@ -132,6 +138,27 @@ def test_in_memory_dataset_normalises_and_indexes_like_getitems():
     torch.testing.assert_close(x[1], (images[7].float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1))
     assert y.tolist() == [3, 7]
     torch.testing.assert_close(ds[7][0], x[1])
+
+
+def test_augmentation_depends_only_on_the_seed_and_the_batch_indices():
+    """Crops and flips of a batch are the same whatever the global generator did before (a worker
+    process, a resumed run), and differ for another seed or another batch."""
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+
+    def batch(seed: int, indices: list[int], global_seed: int) -> torch.Tensor:
+        torch.manual_seed(global_seed)
+        return InMemoryImages(images, torch.arange(64), mean, std, crop_padding=2, horizontal_flip=True,
+                              seed=seed).__getitems__(indices)[0]
+
+    first = list(range(0, 64, 2))
+    reference = batch(7, first, global_seed=0)
+    assert torch.equal(batch(7, first, global_seed=123), reference)
+    assert not torch.equal(batch(8, first, global_seed=0), reference)
+    reordered = batch(7, first[::-1], global_seed=0)  # the same images in another batch order
+    assert not torch.equal(reordered.flip(0), reference)
+    plain = InMemoryImages(images, torch.arange(64), mean, std).__getitems__(first)[0]
+    assert not torch.equal(reference, plain)
 
 
 def test_bad_arguments_say_what_to_change():

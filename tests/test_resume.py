@@ -242,14 +242,17 @@ def test_llm_resume_on_cuda_restores_the_cuda_generator(tmp_path):
     assert "cuda" in ckpt["callbacks"]["ResumeStateCallback"]["rng"][0]
 
 
-def test_diffusion_resume_equals_straight_run_with_ema(tmp_path):
-    """DiT with noise, label dropout and EMA over an epoch boundary: 4 + 4 steps == 8 steps."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_diffusion_resume_equals_straight_run_with_ema(tmp_path, num_workers):
+    """DiT with noise, label dropout, flips and EMA over an epoch boundary: 4 + 4 steps == 8 steps,
+    with the batches (and their flips) built in the main process or in 2 DataLoader workers."""
     base = ["--config", str(CONFIGS / "diffusion" / "fmnist_ancre.yaml"),
             "--model.init_args.dim=32", "--model.init_args.n_heads=2", "--model.init_args.n_layers=2",
             "--model.init_args.compile=false", "--model.init_args.sample_every_n_steps=0",
             "--model.init_args.ema_decay=0.9", "--model.init_args.warmup_steps=2",
             "--data.init_args.batch_size=4", "--data.init_args.max_train_samples=12",
             "--data.init_args.max_val_samples=4", "--data.init_args.horizontal_flip=true",
+            f"--data.init_args.num_workers={num_workers}",
             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.max_time=null"]  # fmt: skip
     straight, resumed, _ = run_split_and_straight(tmp_path, base, n=4)
     assert_same_steps(4)
