@@ -63,6 +63,22 @@ def test_single_process_trainer_configs(trainer_config, tmp_path):
         assert cli.model.connectivity.gate_logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("connectivity", ["ancre", "denseformer"])
+def test_bf16_true_keeps_the_wiring_in_float32(connectivity, tmp_path):
+    """``precision: bf16-true`` stores the network in bfloat16 but the gates stay float32 (a
+    bfloat16 DenseFormer used to fail in its first merge) and keep learning."""
+    cli = build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), *SMALL_DATA,
+                     f"--model.init_args.connectivity={connectivity}", "--model.init_args.connectivity_options={}",
+                     "--trainer.precision=bf16-true"])
+    assert cli.trainer.global_step == 2
+    gates = cli.model.gate_parameters()
+    assert gates and all(p.dtype == torch.float32 for p in gates)
+    assert cli.model.net.stack.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    fresh = type(cli.model)(**{k: v for k, v in cli.model.hparams.items() if not k.startswith("_")})
+    assert not all(torch.equal(p.detach().cpu(), q) for p, q in zip(gates, fresh.gate_parameters())), "gates did not learn"
+
+
 def run_ancre(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ancre = Path(sys.executable).with_name("ancre")

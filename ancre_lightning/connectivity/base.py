@@ -46,6 +46,23 @@ class Connectivity(nn.Module):
             raise UserInputError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move with the model, but never round the wiring below float32.
+
+        ``model.to(torch.bfloat16)`` (what ``precision: bf16-true`` or ``16-true`` does) would
+        otherwise store the gate logits and the temperature in 16 bits: at logits near 1 bfloat16
+        steps by 2**-7, which a softmax at tau = 0.01 turns into steps of 0.8, and optimiser
+        updates below that step vanish. Device moves and float64 conversions apply as usual.
+        """
+
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
     # --- structure (static, Python) -------------------------------------------------------
     def support(self, row: int) -> list[int]:
         """Columns of row ``row`` that may be non-zero (sources read by the merge after that block)."""
