@@ -348,6 +348,19 @@ def test_every_diffusion_config_trains_two_steps(config, tmp_path):
     assert cli.model.connectivity.name == config.removesuffix(".yaml").split("_")[-1]
 
 
+def test_bf16_true_trains_and_draws_its_sample_grid(tmp_path):
+    """Under ``precision: bf16-true`` the network is bfloat16; the sample grid, drawn outside the
+    trainer's forward (float32 noise), used to fail at the patch embedding."""
+    cli = build_cli(["fit", "--config", str(CONFIGS / "diffusion" / "fmnist_ancre.yaml"), *tiny_run_args(tmp_path),
+                     *TINY_MODEL, *SMALL_DATA, "--trainer.precision=bf16-true",
+                     "--model.init_args.sample_every_n_steps=2"])  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert cli.model.net.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in cli.model.gate_parameters())
+    grids = list(Path(cli.trainer.log_dir).glob("samples/step*.png"))
+    assert [g.name for g in grids] == ["step000002.png"]
+
+
 def test_own_image_folder_as_documented_in_the_gpu_config(tmp_path):
     from PIL import Image
 

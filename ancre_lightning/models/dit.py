@@ -236,6 +236,7 @@ class DiT(nn.Module):
                 f"DiT expects images of shape (C, H, W) = ({self.in_channels}, {self.image_size}, {self.image_size}), "
                 f"got {tuple(x.shape[-3:])}; match the model's in_channels / image_size to the data"
             )
+        x = x.to(self.patch_embed.proj.weight.dtype)  # bfloat16 weights (bf16-true) take bfloat16 images
         tokens = self.patch_embed(x)  # (B, N, D), N = (H/p) * (W/p)
         return self.stack(tokens, cond, return_exits=return_exits)
 
