@@ -15,6 +15,7 @@ from ancre_lightning.bench import SUITES
 from ancre_lightning.bench.__main__ import main
 import torch
 
+from ancre_lightning.bench._common import LLM_QUICK, build_llm, random_batch, train_step_fn
 from ancre_lightning.bench.aggregation import impl_bytes, needed_bytes, row_shape, weighted_sum_rowwise
 from ancre_lightning.connectivity import weighted_sum_loop
 
@@ -79,6 +80,19 @@ def test_rowwise_candidate_equals_the_loop(shape):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert row_shape((64, 256, 512)) == (64, 256, 1) and row_shape((64, 64, 16, 16)) == (64, 64, 1, 1)
     assert row_shape((700,)) == (1,)
+
+
+def test_bf16_true_benchmark_model_stores_bfloat16_states_and_float32_gates():
+    """``--set step.precision=bf16-true`` times the network stored in bfloat16 (a bfloat16
+    history of states), as Lightning's bf16-true stores it; the gates stay float32."""
+    device = torch.device("cpu")
+    shape = {**LLM_QUICK, "precision": "bf16-true"}
+    module, optimizer = build_llm("ancre", "eager", shape, device)
+    assert module.net.stack.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert module.connectivity.gate_logits.dtype == torch.float32
+    before = module.connectivity.gate_logits.detach().clone()
+    train_step_fn(module, optimizer, random_batch(shape, device), device, shape["precision"])()
+    assert not torch.equal(module.connectivity.gate_logits.detach(), before)
 
 
 def test_aggregation_byte_model():

@@ -225,13 +225,23 @@ def llm_shape(device: torch.device) -> dict[str, Any]:
     return dict(LLM_GPU if device.type == "cuda" else LLM_CPU)
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
 def autocast(device: torch.device, precision: str):
-    """The autocast context of a Lightning precision setting (``32-true`` or ``bf16-mixed``)."""
+    """The autocast context of a Lightning precision setting: ``32-true``, ``bf16-mixed``, or
+    ``bf16-true`` (no autocast: the network itself is stored in bfloat16, see :func:`store_as`)."""
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision in ("32-true", "32"):
+    if precision in ("32-true", "32", "bf16-true"):
         return torch.autocast(device.type, enabled=False)
-    raise UserInputError(f"precision must be '32-true' or 'bf16-mixed', got {precision!r}")
+    raise UserInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def store_as(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Convert ``module`` as Lightning's ``precision`` does: bfloat16 weights and states for
+    ``bf16-true`` (the wiring stays float32), unchanged otherwise."""
+    return module.to(torch.bfloat16) if precision == "bf16-true" else module
 
 
 def build_llm(
@@ -259,6 +269,7 @@ def build_llm(
         compile=_COMPILE_OPTION[mode],
         fused_optimizer=fused_optimizer,
     ).to(device)
+    store_as(module, shape["precision"])
     module.configure_model()
     return module, module.build_optimizer()
 

@@ -33,7 +33,17 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from ._common import LLM_QUICK, MODEL_KEYS, autocast, format_table, llm_shape, synchronize, target, targets_table
+from ._common import (
+    LLM_QUICK,
+    MODEL_KEYS,
+    autocast,
+    format_table,
+    llm_shape,
+    store_as,
+    synchronize,
+    target,
+    targets_table,
+)
 
 NAME = "framework"
 FULL: dict[str, Any] = {"warmup_steps": 3, "steps": 15, "rounds": 5, "data_path": None, "cache_dir": None, "connectivity": "ancre"}
@@ -125,7 +135,7 @@ def run_bare(device: torch.device, shape: dict[str, Any], connectivity: str, dat
     datamodule = TextDataModule(**data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    net = module.net.to(device)
+    net = store_as(module.net.to(device), shape["precision"])
     net.train()
     optimizer = module.build_optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(module.warmup_steps, total, module.min_lr_ratio))

@@ -70,7 +70,8 @@ def run(
 ) -> dict[str, Any]:
     shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
     batch = random_batch(shape, device)
-    one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * 4  # a float32 (B, T, D) state
+    state_dtype = "bfloat16" if shape["precision"] == "bf16-true" else "float32"  # the residual stream's
+    one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * (2 if state_dtype == "bfloat16" else 4)
     rows = []
     for mode in modes:
         base = None
@@ -95,7 +96,7 @@ def run(
             gc.collect()
     return {
         "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "device": str(device),
-                     "state_mib": mib(one_state)},
+                     "state_mib": mib(one_state), "state_dtype": state_dtype},
         "rows": rows,
         "targets": [],
     }
@@ -106,7 +107,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"peak memory of one LLM training step above the live parameters and optimiser state, "
         f"{s['n_layers']} blocks x {s['dim']}, sequence {s['seq_len']}, batch {s['batch_size']}, {s['precision']} "
-        f"on {s['device']} (one (B, T, D) float32 state = {s['state_mib']:.1f} MiB)\n"
+        f"on {s['device']} (one (B, T, D) {s.get('state_dtype', 'float32')} state = {s['state_mib']:.1f} MiB)\n"
     )
     rows = [
         (r["connectivity"], r["mode"], r["peak_step_mib"], r["ratio_vs_residual"], r["extra_states_vs_residual"], r["static_mib"])
