@@ -258,8 +258,7 @@ class ConnectivityModule(L.LightningModule):
                         f"steps (from the checkpoint), while this run trains to step {length}: "
                         + (f"the steps after {schedule.total_steps} use the final rate, lr * min_lr_ratio. "
                            if length > schedule.total_steps else "it stops before the cosine ends. ")
-                        + "For a schedule over the new length, start a new run from these weights instead "
-                        "of resuming."
+                        + "For a cosine over the new length, train a new run with that max_steps from the start."
                     )
                     return
 
