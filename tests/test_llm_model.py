@@ -121,6 +121,23 @@ def test_fused_adamw_clips_gradients_under_bf16_autocast(precision):
     assert max(norms.after) == pytest.approx(0.05, rel=1e-3)
 
 
+def test_cuda_graph_modes_mark_a_new_step_at_every_batch(monkeypatch):
+    """With ``compile: reduce-overhead`` every training and validation batch starts a new CUDA-graph
+    step (so replay may reuse the previous step's output memory); without it nothing is marked."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    ids = torch.randint(0, 257, (8, 17))
+    loader = DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+    for compile_mode, expected in (("reduce-overhead", 2 + 2), (False, 0)):
+        module = small_module(compile=compile_mode)
+        monkeypatch.setattr(module.net, "compile", lambda **kw: None)  # the hooks are under test, not inductor
+        calls.clear()
+        L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=2,
+                  val_check_interval=2).fit(module, train_dataloaders=loader, val_dataloaders=loader)
+        assert len(calls) == expected, (compile_mode, len(calls))
+
+
 def test_compile_option_takes_a_torch_compile_mode(monkeypatch):
     assert small_module().compile_mode is None and small_module(compile=True).compile_mode == "default"
     module = small_module(compile="reduce-overhead")

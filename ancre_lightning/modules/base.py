@@ -154,6 +154,12 @@ class ConnectivityModule(L.LightningModule):
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark_cuda_graph_step()
 
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.mark_cuda_graph_step()
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.mark_cuda_graph_step()
+
     def on_fit_start(self) -> None:
         """Give every DDP process its own random stream; rank 0 keeps the seeded one.
 
