@@ -89,6 +89,12 @@ def random_horizontal_flip(images: Tensor, generator: torch.Generator | None = N
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every one of ``values`` (integers), the same in any process."""
+    digest = hashlib.blake2b(np.asarray(values, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def batch_generator(seed: int, indices: Tensor) -> torch.Generator:
     """A random generator seeded by ``seed`` and the sample indices of a batch, in order.
 
@@ -97,9 +103,7 @@ def batch_generator(seed: int, indices: Tensor) -> torch.Generator:
     mid-epoch draws the same crops and flips as one that never stopped. Batches of different
     epochs hold other indices in another order, and so get other draws.
     """
-    key = np.concatenate([[int(seed)], indices.numpy()]).astype(np.int64)
-    digest = hashlib.blake2b(key.tobytes(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(mixed_seed(int(seed), *indices.tolist()))
 
 
 class InMemoryImages(Dataset):
@@ -529,23 +533,36 @@ class CIFAR10DataModule(InMemoryImageDataModule):
 
 
 class _FileImages(Dataset):
-    """(path, label) pairs decoded with PIL and transformed one by one."""
+    """(path, label) pairs decoded with PIL and transformed one by one.
 
-    def __init__(self, samples: list[tuple[Path, int]], mode: str, transform: Any) -> None:
+    With ``seed`` (training), the resumable loader indexes the set by ``(epoch, index)`` and the
+    random transforms of a sample draw from torch's generator seeded by the seed, the epoch and
+    the index (the caller's own random stream is left as it was): the same crops, flips and
+    augmentations in the main process or any DataLoader worker, before or after a resume.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], mode: str, transform: Any, seed: int | None = None) -> None:
         self.samples = samples
         self.mode = mode
         self.transform = transform
+        self.seed = seed
+        self.indexed_by_epoch = seed is not None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         from PIL import Image
 
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[index]
         with Image.open(path) as img:
             img = img.convert(self.mode)
-        return self.transform(img), label  # (C, H, W) float
+        if epoch is None or self.seed is None:
+            return self.transform(img), label  # (C, H, W) float
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mixed_seed(self.seed, epoch, index))
+            return self.transform(img), label  # (C, H, W) float
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -708,7 +725,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 )
         test = self._scan(self._folders["test"], classes, "test") if self._folders["test"] is not None else val
         mode = "RGB" if self.num_channels == 3 else "L"
-        self.train_dataset = _FileImages(train, mode, self._transforms(train=True))
+        self.train_dataset = _FileImages(train, mode, self._transforms(train=True), seed=default_seed())
         self.val_dataset = _FileImages(val, mode, self._transforms(train=False))
         self.test_dataset = _FileImages(test, mode, self._transforms(train=False))
 

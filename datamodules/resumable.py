@@ -47,12 +47,16 @@ class ResumableSampler(DistributedSampler):
         seed: seed of the shuffle; the same seed gives the same order on every run.
         num_replicas: number of ranks the data are shared over.
         rank: this process's rank.
+        with_epoch: yield ``(epoch, index)`` pairs instead of indices, for a data set that seeds
+            its random augmentation of a sample by the epoch and the index.
     """
 
     def __init__(
-        self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0
+        self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+        with_epoch: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.with_epoch = with_epoch
         self.start = 0  # indices of this rank's share to skip in the next pass
         self.pass_epoch = 0  # epoch and start of the pass in progress (what a checkpoint records)
         self.pass_start = 0
@@ -75,8 +79,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.begin_pass()
         self.start = 0  # the skip applies to this pass only
-        indices = list(super().__iter__())  # this rank's share of epoch `epoch`
-        return iter(indices[start:])
+        indices = list(super().__iter__())[start:]  # this rank's share of epoch `epoch`, from `start`
+        return iter([(epoch, i) for i in indices] if self.with_epoch else indices)
 
 
 class _CountingIterator:
@@ -166,10 +170,12 @@ def resumable_train_loader(
     dataset: Dataset, batch_size: int, seed: int, trainer: Any = None, **kwargs: Any
 ) -> ResumableDataLoader:
     """A shuffled :class:`ResumableDataLoader` for ``dataset``, sharded over the ranks of ``trainer``
-    (one rank when there is no trainer, e.g. a data module used on its own)."""
+    (one rank when there is no trainer, e.g. a data module used on its own). A data set with a true
+    ``indexed_by_epoch`` attribute gets ``(epoch, index)`` keys (see :class:`ResumableSampler`)."""
     world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
     rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, num_replicas=world_size, rank=rank)
+    sampler = ResumableSampler(dataset, shuffle=True, seed=seed, num_replicas=world_size, rank=rank,
+                               with_epoch=bool(getattr(dataset, "indexed_by_epoch", False)))
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 

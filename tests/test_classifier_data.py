@@ -197,6 +197,32 @@ def test_image_folder_with_one_folder_per_class(tmp_path):
     assert images.shape[1:] == (3, 8, 8)
 
 
+def test_image_folder_augmentation_is_the_same_in_workers_and_after_a_resume(tmp_path):
+    """Random crops, flips and TrivialAugment of a training image depend on the run's seed, the
+    epoch and the image: the same in the main process and in 2 workers, the same for the rest of
+    an epoch resumed part-way, other in the next epoch; the caller's generator is left alone."""
+    for name in ("cat", "dog"):
+        write_images(tmp_path / name, 6, size=16)
+
+    def epoch_batches(num_workers: int, epoch: int = 0, skip: int = 0) -> list[torch.Tensor]:
+        dm = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=2, num_workers=num_workers,
+                                   val_fraction=0.25, trivial_augment=True)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.load_state_dict({"seed": loader.sampler.seed, "epoch": epoch, "samples_consumed": skip,
+                                "dataset_size": len(dm.train_dataset), "shuffle": True})
+        return [images for images, _ in loader]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    main = epoch_batches(0)
+    assert torch.equal(torch.get_rng_state(), before), "augmentation drew from the caller's generator"
+    assert len(main) == 4
+    assert all(torch.equal(a, b) for a, b in zip(main, epoch_batches(2), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(main[2:], epoch_batches(2, skip=4), strict=True))
+    assert not torch.equal(torch.stack(main).sort(0).values, torch.stack(epoch_batches(0, epoch=1)).sort(0).values)
+
+
 def test_image_folder_with_train_val_test_folders_in_grey(tmp_path):
     for split, count in (("train", 4), ("val", 2), ("test", 3)):
         for name in ("a", "b", "c"):
