@@ -18,7 +18,10 @@ to torch.compile, which generates (checked by ``tests/test_aggregation.py`` and 
   running sum in registers, and writes the result once: (k+1)*N elements;
 - backward: ONE kernel on CPU that reads the incoming gradient once and every source once, writes
   every source gradient ``w_i * g`` and reduces every weight gradient ``sum(g * s_i)`` in the same
-  pass: (2k+1)*N elements (Triton may finish the k scalar reductions in a second, tiny kernel);
+  pass: (2k+1)*N elements. On a GPU Triton splits it into 2-3 kernels (the whole-state weight
+  reductions apart from the pointwise source gradients; 27 % of the read ceiling on an H200, see
+  BENCHMARKS.md), which ``python -m ancre_lightning.bench aggregation`` compares there with a
+  row-wise candidate body (``fused-rows``);
 
 so forward plus backward moves (3k+2)*N elements against about 11*k*N for the loop.
 

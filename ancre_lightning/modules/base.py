@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity
