@@ -5,6 +5,7 @@ Skipped without a GPU (CI has none); run on a GPU machine with ``pytest tests/te
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -130,5 +131,6 @@ def test_adamw_choice_and_clipping_under_cuda_amp(precision, clip, fused):
                         enable_checkpointing=False, callbacks=[norms])
     trainer.fit(module, train_dataloaders=loader)
     assert bool(trainer.optimizers[0].defaults["fused"]) is fused
-    if clip:
-        assert max(norms.after) == pytest.approx(clip, rel=1e-2)
+    if clip:  # a float16 step whose scaled gradients overflowed is skipped by the scaler: not counted
+        finite = [n for n in norms.after if math.isfinite(n)]
+        assert finite and max(finite) == pytest.approx(clip, rel=1e-2)
