@@ -546,7 +546,11 @@ class _FileImages(Dataset):
         self.mode = mode
         self.transform = transform
         self.seed = seed
-        self.indexed_by_epoch = seed is not None
+
+    @property
+    def indexed_by_epoch(self) -> bool:
+        """Whether the resumable loader should key this set by ``(epoch, index)``."""
+        return self.seed is not None
 
     def __len__(self) -> int:
         return len(self.samples)

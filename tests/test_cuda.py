@@ -119,13 +119,9 @@ def test_adamw_choice_and_clipping_under_cuda_amp(precision, clip, fused):
     """Float16 AMP scales the gradients: with clipping the optimiser is the foreach AdamW (Lightning
     unscales, then clips); otherwise, and under bfloat16, the fused one, clipped by the module."""
     import lightning as L
-    from torch.utils.data import DataLoader
+    from test_llm_model import GradNorms, small_module, token_loader
 
-    from test_llm_model import GradNorms, small_module
-
-    module, norms = small_module(), GradNorms()
-    ids = torch.randint(0, 257, (8, 17))
-    loader = DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+    module, norms, loader = small_module(), GradNorms(), token_loader()
     trainer = L.Trainer(max_steps=2, accelerator="gpu", devices=1, precision=precision, gradient_clip_val=clip,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=[norms])

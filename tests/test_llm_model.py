@@ -88,6 +88,12 @@ def test_fused_adamw_keeps_the_groups_and_makes_the_foreach_update():
     assert not torch.equal(fused.connectivity.gate_logits, small_module().connectivity.gate_logits)
 
 
+def token_loader() -> DataLoader:
+    """Two batches of 4 random byte sequences of 16 tokens, as TextDataModule yields them."""
+    ids = torch.randint(0, 257, (8, 17))
+    return DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+
+
 class GradNorms(Callback):
     """Total gradient norm before clipping (Lightning clips after this hook) and after the step."""
 
@@ -110,8 +116,7 @@ def test_fused_adamw_clips_gradients_under_bf16_autocast(precision):
     """Lightning refuses to clip for a fused optimizer under any mixed precision; under bfloat16
     there is no gradient scaler, so the module clips itself, to the configured norm."""
     module, norms = small_module(), GradNorms()
-    ids = torch.randint(0, 257, (8, 17))
-    loader = DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+    loader = token_loader()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=0.05, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[norms])
@@ -126,8 +131,7 @@ def test_cuda_graph_modes_mark_a_new_step_at_every_batch(monkeypatch):
     step (so replay may reuse the previous step's output memory); without it nothing is marked."""
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
-    ids = torch.randint(0, 257, (8, 17))
-    loader = DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=4)
+    loader = token_loader()
     for compile_mode, expected in (("reduce-overhead", 2 + 2), (False, 0)):
         module = small_module(compile=compile_mode)
         monkeypatch.setattr(module.net, "compile", lambda **kw: None)  # the hooks are under test, not inductor

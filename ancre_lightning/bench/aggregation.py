@@ -37,7 +37,12 @@ from typing import Any
 
 import torch
 
-from ..connectivity.aggregation import compiled_for_arity, weighted_sum, weighted_sum_loop
+from ..connectivity.aggregation import (
+    compiled_for_arity,
+    weighted_sum,
+    weighted_sum_accumulate,
+    weighted_sum_loop,
+)
 from ._common import format_table, interleaved_times, summarize, target, targets_table
 
 NAME = "aggregation"
@@ -64,8 +69,8 @@ def row_shape(shape: Sequence[int], min_row: int = 256) -> tuple[int, ...]:
 
 
 def weighted_sum_rowwise(sources: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i weights[i] * sources[i]`` accumulated in float32, each weight broadcast as a
-    :func:`row_shape` view instead of a scalar.
+    """:func:`~ancre_lightning.connectivity.aggregation.weighted_sum_accumulate` with each weight
+    broadcast as a :func:`row_shape` view instead of a scalar.
 
     Same forward. Backward, autograd reduces ``g * s_i`` over each row (the trailing dimensions)
     and then over the rows: on a GPU the per-row reductions can share one kernel with the
@@ -73,16 +78,9 @@ def weighted_sum_rowwise(sources: Sequence[torch.Tensor], weights: torch.Tensor)
     the whole state that Triton splits into kernels of its own. On a CPU both bodies compile to one
     kernel each way.
     """
-    dtype = sources[0].dtype
-    for s in sources[1:]:
-        dtype = torch.promote_types(dtype, s.dtype)
-    acc = torch.promote_types(dtype, torch.float32)
     view = row_shape(sources[0].shape)
-    w = weights.reshape(-1, *([1] * sources[0].ndim))  # (k, 1, ..., 1)
-    out = sources[0].to(acc) * w[0].expand(view)  # (..., D)
-    for i in range(1, len(sources)):
-        out = out + sources[i].to(acc) * w[i].expand(view)  # (..., D)
-    return out.to(dtype)
+    rows = weights.reshape(-1, *([1] * sources[0].ndim)).expand(len(sources), *view)  # (k, *view)
+    return weighted_sum_accumulate(sources, rows)
 
 
 def fused_rowwise(sources: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def run(
     shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
     batch = random_batch(shape, device)
     state_dtype = "bfloat16" if shape["precision"] == "bf16-true" else "float32"  # the residual stream's
-    one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * (2 if state_dtype == "bfloat16" else 4)
+    one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * getattr(torch, state_dtype).itemsize
     rows = []
     for mode in modes:
         base = None

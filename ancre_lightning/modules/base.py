@@ -8,7 +8,7 @@ import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -26,7 +26,7 @@ from .schedule import WarmupCosine
 #: CUDA graphs on a GPU (no per-kernel launch cost; ignored on CPU); ``max-autotune`` also tunes
 #: matrix-multiply kernels (and uses CUDA graphs); ``max-autotune-no-cudagraphs`` tunes without them.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 _CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
