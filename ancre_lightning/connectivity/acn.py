@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Connectivity, handover_matrix
+from .base import StaticWiring, handover_matrix
 
 
-class AutoCompressing(Connectivity):
+class AutoCompressing(StaticWiring):
     """ACN: ``h_{j+1} = u_j = f_j(h_j)`` and the stack returns ``h_0 + sum_j u_j``.
 
     Blocks have no inner residual; each block's output reaches the output directly, so early

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Connectivity, handover_matrix
+from .base import StaticWiring, handover_matrix
 from ..errors import UserInputError
 
 Normalization = Literal["incoming", "outgoing"]
 Parameterization = Literal["softmax", "constant"]
 
 
-class ANCRe(Connectivity):
+class ANCRe(StaticWiring):
     """Learned dense residual wiring with softmax-normalised gates.
 
     Logits ``c`` fill the lower triangle of a (K targets, K sources) matrix, K(K+1)/2 scalars,
@@ -37,6 +37,7 @@ class ANCRe(Connectivity):
 
     name = "ancre"
     inner_residual = True
+    supports_sparsity = True
 
     def __init__(
         self,

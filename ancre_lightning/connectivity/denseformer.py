@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Connectivity, handover_matrix
+from .base import StaticWiring, handover_matrix
 from ..errors import UserInputError
 
 
-class DenseFormer(Connectivity):
+class DenseFormer(StaticWiring):
     """After block j the next input is ``Y_j = sum_i alpha_{j,i} X_i`` over block outputs.
 
     ``X_0`` is the embedding and ``X_{j+1} = u_j``; blocks keep their inner residuals. The weights
@@ -26,6 +26,7 @@ class DenseFormer(Connectivity):
 
     name = "denseformer"
     inner_residual = True
+    supports_sparsity = True
     stores_block_outputs = True
 
     def __init__(self, num_layers: int, dilation: int = 1, period: int = 1) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import Connectivity, handover_matrix
+from .base import StaticWiring, handover_matrix
 from ..errors import UserInputError
 
 
@@ -28,7 +28,7 @@ def parse_edge(edge: str | Sequence[int], num_layers: int) -> tuple[int, int]:
     return i, j
 
 
-class FixedTopology(Connectivity):
+class FixedTopology(StaticWiring):
     """Blocks without inner residual, ``h_j = f_j(h_{j-1}) + sum_{(i, j) in edges} h_i``.
 
     Layers are numbered 1..K and ``h_0`` is the input, so ``"0:2"`` adds the input to layer 2's

@@ -8,29 +8,45 @@ from typing import Any
 
 from .acn import AutoCompressing
 from .ancre import ANCRe
+from .attnres import AttentionResiduals
 from .base import Connectivity
 from .denseformer import DenseFormer
 from .fixed import FixedTopology
+from .hyper import HyperConnections
+from .mhc import ManifoldHyperConnections
+from .mudd import DynamicDense
 from .residual import Residual
 from ..errors import UserInputError
 
 CONNECTIVITIES: dict[str, type[Connectivity]] = {
-    cls.name: cls for cls in (Residual, ANCRe, AutoCompressing, DenseFormer, FixedTopology)
+    cls.name: cls
+    for cls in (
+        Residual, ANCRe, AutoCompressing, DenseFormer, FixedTopology,
+        AttentionResiduals, HyperConnections, ManifoldHyperConnections, DynamicDense,
+    )
 }
 
 
 def connectivity_options(name: str) -> dict[str, Any]:
     """The options a connectivity accepts and their defaults (``num_layers`` excluded)."""
     params = inspect.signature(CONNECTIVITIES[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k not in ("self", "num_layers")}
+    return {k: p.default for k, p in params.items() if k not in ("self", "num_layers", "dim")}
 
 
-def build_connectivity(name: str, num_layers: int, **options: Any) -> Connectivity:
+def needs_width(name: str) -> bool:
+    """Whether a connectivity has parameters of the states' width D (queries, projections)."""
+    return "dim" in inspect.signature(CONNECTIVITIES[str(name).lower()].__init__).parameters
+
+
+def build_connectivity(name: str, num_layers: int, dim: int | None = None, **options: Any) -> Connectivity:
     """Build a connectivity by name.
 
     Args:
-        name: one of ``residual``, ``ancre``, ``acn``, ``denseformer``, ``fixed``.
-        num_layers: number of blocks K in the stack.
+        name: one of :data:`CONNECTIVITIES` (``residual``, ``ancre``, ``acn``, ``denseformer``,
+            ``fixed``, ``attnres``, ``hyper``, ``mhc``, ``mudd``).
+        num_layers: number of layers K in the stack.
+        dim: width D of the states; required by the wirings with per-token weights (their
+            queries and projections are D wide), ignored by the others.
         **options: the connectivity's own options (e.g. ``tau`` for ``ancre``).
 
     Raises:
@@ -49,4 +65,11 @@ def build_connectivity(name: str, num_layers: int, **options: Any) -> Connectivi
     if unknown:
         listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise UserInputError(f"unknown option(s) {unknown} for connectivity {key!r}; valid options (defaults): {listing}")
+    if needs_width(key):
+        if dim is None:
+            raise UserInputError(
+                f"connectivity {key!r} computes its weights from the states, so it needs their width: "
+                f"build_connectivity({key!r}, num_layers, dim=D)"
+            )
+        options = {"dim": int(dim), **options}
     return CONNECTIVITIES[key](num_layers, **options)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Connectivity, handover_matrix
+from .base import StaticWiring, handover_matrix
 
 
-class Residual(Connectivity):
+class Residual(StaticWiring):
     """Plain pre-norm residual stack, ``for block in blocks: x = block(x)``.
 
     Args:

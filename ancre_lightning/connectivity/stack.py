@@ -1,4 +1,4 @@
-"""ConnectedStack: K blocks run in order, wired by a connectivity."""
+"""ConnectedStack: K layers run in order, wired by a connectivity."""
 
 from __future__ import annotations
 
@@ -7,23 +7,25 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .aggregation import AGGREGATION_IMPLS, AggregationImpl, weighted_sum
+from .aggregation import AGGREGATION_IMPLS, AggregationImpl
 from .base import Connectivity
 from ..errors import UserInputError
 
 
 class ConnectedStack(nn.Module):
-    """Runs K blocks; the connectivity decides what each block sees and what the stack returns.
+    """Runs K layers; the connectivity decides what each layer sees and what the stack returns.
 
-    The history of states is a local of ``forward`` (never module state), so the stack is
-    re-entrant and works with activation checkpointing and torch.compile.
+    The wiring's state (a history of states, per-token weights, or several residual streams) is
+    a local of ``forward`` (never module state), so the stack is re-entrant and works with
+    activation checkpointing and torch.compile.
 
     Args:
-        blocks: the K blocks; each is called as ``block(h, *args, **kwargs)`` and returns a
-            tensor shaped like ``h``. Blocks must keep or drop their inner residual as
-            ``connectivity.inner_residual`` says.
+        blocks: the K layers (whole blocks, or attention and MLP sub-layers); each is called as
+            ``block(h, *args, **kwargs)`` and returns a tensor shaped like ``h``. Layers must keep
+            or drop their inner residual as ``connectivity.inner_residual`` says.
         connectivity: the wiring (see :func:`build_connectivity`).
-        aggregation: ``"loop"`` or ``"fused"`` implementation of the weighted merge.
+        aggregation: ``"loop"`` or ``"fused"`` implementation of the weighted merge of static
+            wirings.
     """
 
     def __init__(
@@ -44,9 +46,6 @@ class ConnectedStack(nn.Module):
         self.blocks = blocks
         self.connectivity = connectivity
         self.aggregation = aggregation
-        k = connectivity.num_layers
-        self._support = [connectivity.support(j) for j in range(k)]
-        self._handover = [connectivity.is_handover(j) for j in range(k)]
 
     @property
     def num_layers(self) -> int:
@@ -57,38 +56,26 @@ class ConnectedStack(nn.Module):
 
         Args:
             x: the embedding ``h_0``, shape (..., D).
-            *args, **kwargs: passed to every block (e.g. attention masks or DiT conditioning).
+            *args, **kwargs: passed to every layer (e.g. attention masks or DiT conditioning).
             return_exits: also return the K+1 early-exit states; ``exits[k]`` is what the head
-                would see if the network stopped after k blocks (``exits[K]`` is the output).
+                would see if the network stopped after k layers (``exits[K]`` is the output).
 
         Returns:
             The output (..., D), or ``(output, exits)``.
         """
         conn = self.connectivity
-        coefficients = None  # (K, K+1), computed once per forward if any row needs it
-        history: list[Tensor] = [x]  # s_0..s_j, each (..., D)
-        exits: list[Tensor] = [x]
-        h = x
+        state = conn.begin(x, self.aggregation, return_exits)  # history or streams, local to this call
+        exits: list[Tensor] = [conn.exit(state)] if return_exits else []
         for j, block in enumerate(self.blocks):
-            u = block(h, *args, **kwargs)  # (..., D)
-            if self._handover[j]:
-                h = u
-            else:
-                if coefficients is None:
-                    coefficients = conn.coefficients()
-                columns = self._support[j]
-                sources = [history[c] if c <= j else u for c in columns]
-                h = weighted_sum(sources, coefficients[j, columns], self.aggregation)  # (..., D)
-            history.append(u if conn.stores_block_outputs else h)
+            u = block(conn.layer_input(state, j), *args, **kwargs)  # (..., D)
+            conn.advance(state, j, u)
             if return_exits:
-                exits.append(exits[-1] + u if conn.exits_are_partial_sums else h)
+                exits.append(conn.exit(state))
+        out = conn.output(state)  # (..., D)
         if not return_exits:
-            return h
-        if conn.exits_are_partial_sums:
-            h = exits[-1]  # the same sum, accumulated in exit order: output == exits[K] exactly
-        else:
-            exits[-1] = h
-        return h, exits
+            return out
+        exits[-1] = out
+        return out, exits
 
     def extra_repr(self) -> str:
         return f"aggregation={self.aggregation}"

@@ -1,0 +1,143 @@
+"""What the multi-stream wirings share (hyper-connections, mHC): n residual streams per token.
+
+The state is n streams ``H`` (..., n, D), started as n copies of the embedding. For layer l the
+wiring computes three maps from ``H`` (static, or per token): ``pre`` (..., n) reads the layer's
+input ``h_l = sum_s pre[s] H_s``; after the layer, ``res`` (..., n, n), indexed [target, source],
+mixes the streams and ``post`` (..., n) writes the layer's output ``y`` into each of them:
+
+    H'_t = sum_s res[t, s] H_s + post[t] y
+
+The head sees ``sum_s r[s] H_s`` with reduce weights ``r`` (ones: the sum of the streams, or a
+learned per-token reduction). The mixing runs in float32 and is rounded once to the states' dtype.
+
+The (K, K+1) picture is unrolled from the maps: each stream is a combination of the history
+``s_0 = v_0, s_{i+1} = y_i`` with coefficients ``E`` (n, K+1), ``E' = res E + post e_{l+1}``, and row
+j of ``coefficients()`` is ``pre_{j+1} E`` (the input of layer j+1), row K-1 the head's ``r E``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .base import PerTokenWiring
+from ..errors import UserInputError
+
+
+@dataclass
+class StreamState:
+    """Forward state: the streams, the maps of the layer in flight, and (for per-token maps) each
+    stream unrolled over the history, token by token, for the recorded picture."""
+
+    streams: Tensor
+    maps: tuple[Tensor, Tensor, Tensor] | None = None
+    unrolled: Tensor | None = None
+    moments: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+def check_streams(name: str, streams: int) -> int:
+    if int(streams) < 1:
+        raise UserInputError(f"{name} streams must be >= 1 (4 is usual; 1 is a single residual stream), got {streams}")
+    return int(streams)
+
+
+def unroll_step(unrolled: Tensor, res: Tensor, post: Tensor, column: int) -> Tensor:
+    """``E' = res E + post e_column``: (N, n, K+1) with per-token (N, n, n) and (N, n) maps."""
+    out = res @ unrolled  # (N, n, K+1)
+    out[..., column] = out[..., column] + post
+    return out
+
+
+class StreamWiring(PerTokenWiring):
+    """Base of the multi-stream wirings: the forward protocol from :meth:`maps` and
+    :meth:`reduce_weights`. Layers have no inner residual. With ``per_token`` False (static maps)
+    ``coefficients()`` is unrolled from the parameters and differentiable."""
+
+    inner_residual = False
+
+    def __init__(self, num_layers: int, streams: int) -> None:
+        super().__init__(num_layers)
+        self.num_streams = streams
+
+    # --- what each family defines ----------------------------------------------------------------
+    def maps(self, streams: Tensor, j: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(pre (..., n), res (..., n, n) [target, source], post (..., n))`` of layer j, float32."""
+        raise NotImplementedError
+
+    def reduce_weights(self, streams: Tensor) -> Tensor:
+        """(..., n) weights of the streams in what the head sees (default: their sum)."""
+        return streams.new_ones(streams.shape[-2], dtype=torch.float32)
+
+    # --- the forward protocol --------------------------------------------------------------------
+    def begin(self, x: Tensor, aggregation: str = "loop", track_exits: bool = False) -> StreamState:
+        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.num_streams, x.shape[-1])  # (..., n, D), n copies
+        state = StreamState(streams=streams)
+        if self.per_token:
+            tokens = x.shape[:-1].numel()
+            state.unrolled = x.new_zeros(tokens, self.num_streams, self.num_layers + 1, dtype=torch.float32)
+            state.unrolled[..., 0] = 1.0  # every stream starts as s_0
+        return state
+
+    def layer_input(self, state: StreamState, j: int) -> Tensor:
+        state.maps = self.maps(state.streams, j)
+        pre = state.maps[0]
+        if state.unrolled is not None and j > 0:
+            self._remember(state, pre)  # row j-1: the input of layer j
+        h = torch.einsum("...s,...sd->...d", pre, state.streams.float())  # (..., D)
+        return h.to(state.streams.dtype)
+
+    def advance(self, state: StreamState, j: int, u: Tensor) -> None:
+        pre, res, post = state.maps
+        mixed = torch.einsum("...ts,...sd->...td", res, state.streams.float())  # (..., n, D)
+        written = post.unsqueeze(-1) * u.float().unsqueeze(-2)  # (..., n, D)
+        state.streams = (mixed + written).to(u.dtype)
+        if state.unrolled is not None:
+            with torch.no_grad():
+                n = self.num_streams
+                state.unrolled = unroll_step(
+                    state.unrolled, res.detach().reshape(-1, n, n), post.detach().reshape(-1, n), j + 1
+                )
+        state.maps = None
+
+    def exit(self, state: StreamState) -> Tensor:
+        weights = self.reduce_weights(state.streams)  # (..., n) or (n,)
+        out = torch.einsum("...s,...sd->...d", weights, state.streams.float())  # (..., D)
+        return out.to(state.streams.dtype)
+
+    def output(self, state: StreamState) -> Tensor:
+        out = self.exit(state)
+        if state.unrolled is not None:
+            self._remember(state, self.reduce_weights(state.streams))  # row K-1: the head's input
+            self.record(state.moments)
+        return out
+
+    def _remember(self, state: StreamState, weights: Tensor) -> None:
+        """Record the row ``weights E`` (token by token) of the picture."""
+        with torch.no_grad():
+            n = self.num_streams
+            w = weights.detach().float().expand(*state.streams.shape[:-1]).reshape(-1, 1, n)  # (N, 1, n)
+            row = (w @ state.unrolled)[:, 0]  # (N, K+1)
+            state.moments.append(self.token_moments(row))
+
+    # --- the picture -----------------------------------------------------------------------------
+    def unrolled_coefficients(self, maps: list[tuple[Tensor, Tensor, Tensor]], reduce: Tensor) -> Tensor:
+        """(K, K+1) picture from static maps (no token dimension), differentiable."""
+        k, n = self.num_layers, self.num_streams
+        e = torch.zeros(n, k + 1, device=reduce.device)
+        e[:, 0] = 1.0
+        rows = []
+        for j, (pre, res, post) in enumerate(maps):
+            if j > 0:
+                rows.append(pre @ e)  # (K+1,)
+            e = res @ e + post.unsqueeze(-1) * torch.nn.functional.one_hot(torch.tensor(j + 1), k + 1).to(e)
+        rows.append(reduce @ e)
+        return torch.stack(rows)  # (K, K+1)
+
+    def shortcut_mask(self) -> Tensor:
+        k = self.num_layers
+        return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier state; the fresh output is the main path
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, streams={self.num_streams}"

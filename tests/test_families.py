@@ -1,0 +1,358 @@
+"""The 2025-26 families against plain reference loops written from the papers' equations.
+
+Each reference below is written from the papers' equations (DESIGN.md, "The 2025-26 families"),
+with explicit loops over layers, sources and streams and none of the library's code paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ancre_lightning.connectivity import ConnectedStack, build_connectivity
+from ancre_lightning.errors import UserInputError
+
+D = 8
+
+
+class Branch(nn.Module):
+    """A layer without inner residual: v = tanh(W x + b) (+ an optional extra argument)."""
+
+    def __init__(self, residual: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.residual = residual
+
+    def forward(self, x, shift=None):
+        y = torch.tanh(self.lin(x) + (0 if shift is None else shift))
+        return x + y if self.residual else y
+
+
+def make_stack(name, k, seed=0, **options):
+    torch.manual_seed(seed)
+    conn = build_connectivity(name, k, dim=D, **options)
+    return ConnectedStack([Branch(conn.inner_residual) for _ in range(k)], conn)
+
+
+def randomize(params, seed=1, scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(42)
+    return torch.randn(2, 3, D, requires_grad=True)
+
+
+def check_against(stack, x, ref_out, ref_exits=None):
+    """Output, exits and the gradients of the input and of every parameter equal the reference."""
+    out, exits = stack(x, return_exits=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    if ref_exits is not None:
+        assert len(exits) == len(ref_exits)
+        for e, r in zip(exits, ref_exits):
+            torch.testing.assert_close(e, r, rtol=1e-5, atol=1e-6)
+    probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+    params = [x] + [p for p in stack.parameters() if p.requires_grad]
+    ours = torch.autograd.grad((out * probe).sum(), params, allow_unused=True)
+    ref = torch.autograd.grad((ref_out * probe).sum(), params, allow_unused=True)
+    for p, g, r in zip(params, ours, ref):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+# --- attention residuals --------------------------------------------------------------------------
+def rms_norm(v, gain, eps=1e-6):
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+def depth_attention(sources, query, gain):
+    """Per token: softmax_i(query . RMSNorm(source_i)) and the weighted sum of the raw sources."""
+    scores = torch.stack([(rms_norm(s, gain) * query).sum(-1) for s in sources], dim=-1)  # (..., n)
+    a = torch.softmax(scores, dim=-1)
+    return sum(a[..., i : i + 1] * s for i, s in enumerate(sources)), a
+
+
+def attnres_reference(stack, x):
+    """Layers 1..L (the paper's numbering) in blocks of S; merge m (m = l-2 for layer l >= 2, L-1 for
+    the output) uses query m. Returns the output, the exits (h_1..h_L, output) and the weights."""
+    conn = stack.connectivity
+    q, g, size, layers = conn.queries, conn.key_gains, conn.block_size, len(stack.blocks)
+    completed, partial, inputs, weights = [x], [], [x], []
+    for l in range(1, layers + 1):
+        v = stack.blocks[l - 1](inputs[-1])
+        partial.append(v)
+        if l % size == 0:
+            completed.append(sum(partial))
+            partial = []
+        sources = completed + ([sum(partial)] if partial else [])
+        h, a = depth_attention(sources, q[l - 1], g[l - 1])
+        inputs.append(h)
+        weights.append(a)
+    return inputs[-1], inputs, weights
+
+
+@pytest.mark.parametrize("k,block_size", [(1, 1), (4, 1), (5, 2), (6, 3), (4, 4)])
+def test_attnres_matches_reference(x, k, block_size):
+    stack = make_stack("attnres", k, block_size=block_size)
+    assert not stack.connectivity.inner_residual and stack.connectivity.per_token
+    randomize(stack.connectivity.gate_parameters())
+    out, exits, _ = attnres_reference(stack, x)
+    check_against(stack, x, out, exits)
+
+
+def test_attnres_zero_queries_is_the_uniform_average_over_depth(x):
+    k = 4
+    stack = make_stack("attnres", k)
+    vs, h = [x], x
+    for block in stack.blocks:
+        vs.append(block(h))
+        h = sum(vs) / len(vs)
+    torch.testing.assert_close(stack(x), h)
+    assert torch.equal(stack.connectivity.gate_parameters()[0], torch.zeros(k, D))
+
+
+def test_attnres_coefficients_are_the_token_mean_of_the_weights(x):
+    k, size = 5, 2
+    stack = make_stack("attnres", k, block_size=size)
+    randomize(stack.connectivity.gate_parameters(), seed=4)
+    before = stack.connectivity.coefficients().clone()
+    for j in range(k):  # zero-query start: uniform over the sources (blocks, then the partial sum)
+        n_sources = 1 + (j + 1) // size + (1 if (j + 1) % size else 0)
+        torch.testing.assert_close(before[j, : j + 2], torch.full((j + 2,), 1 / n_sources))
+    stack(x)
+    _, _, weights = attnres_reference(stack, x)
+    mean, spread = stack.connectivity.coefficients(), stack.connectivity.coefficient_spread()
+    for j, a in enumerate(weights):
+        a = a.detach().reshape(-1, a.shape[-1])  # (tokens, sources)
+        block_of = [0] + [1 + (c - 1) // size for c in range(1, j + 2)]  # history column -> source
+        torch.testing.assert_close(mean[j, : j + 2], a.mean(0)[block_of])
+        torch.testing.assert_close(spread[j, : j + 2], a.std(0, unbiased=False)[block_of], atol=1e-6, rtol=1e-5)
+        assert mean[j, j + 2 :].abs().sum() == 0
+    assert not torch.equal(mean, before)
+
+
+@pytest.mark.parametrize("block_size", [0, 5])
+def test_attnres_block_size_out_of_range_is_refused(block_size):
+    with pytest.raises(UserInputError, match=r"attnres block_size must be between 1 .* 4, got"):
+        build_connectivity("attnres", 4, dim=D, block_size=block_size)
+
+
+def test_per_token_families_need_the_width():
+    with pytest.raises(UserInputError, match="needs their width"):
+        build_connectivity("attnres", 4)
+
+
+# --- hyper-connections --------------------------------------------------------------------------
+def plain_rms(v, eps=1e-6):
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def hyper_reference(stack, x):
+    """HC: h = sum_s Am[s] H_s; y = f(h); H'_t = B[t] y + sum_s Ar[s, t] H_s; the head sees sum_s H_s."""
+    c = stack.connectivity
+    n = c.num_streams
+    streams = [x] * n
+    exits = [sum(streams)]
+    for l, block in enumerate(stack.blocks):
+        am = [c.read[l, s] for s in range(n)]
+        ar = [[c.mix[l, s, t] for t in range(n)] for s in range(n)]
+        b = [c.write[l, t] for t in range(n)]
+        if c.dynamic:
+            normed = [plain_rms(h) for h in streams]
+            sa, sr, sb = c.scales[l]
+            am = [am[s] + sa * torch.tanh(normed[s] @ c.read_proj[l]).unsqueeze(-1) for s in range(n)]
+            dyn = [torch.tanh(normed[s] @ c.mix_proj[l]) for s in range(n)]  # (..., n) per source
+            ar = [[ar[s][t] + sr * dyn[s][..., t : t + 1] for t in range(n)] for s in range(n)]
+            b = [b[t] + sb * torch.tanh(normed[t] @ c.write_proj[l]).unsqueeze(-1) for t in range(n)]
+        y = block(sum(am[s] * streams[s] for s in range(n)))
+        streams = [b[t] * y + sum(ar[s][t] * streams[s] for s in range(n)) for t in range(n)]
+        exits.append(sum(streams))
+    return exits[-1], exits
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("k,streams", [(1, 1), (4, 2), (5, 4)])
+def test_hyper_matches_reference(x, k, streams, dynamic):
+    stack = make_stack("hyper", k, streams=streams, dynamic=dynamic)
+    assert not stack.connectivity.inner_residual and stack.connectivity.per_token == dynamic
+    randomize(stack.connectivity.gate_parameters(), scale=0.3)
+    out, exits = hyper_reference(stack, x)
+    check_against(stack, x, out, exits)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hyper_at_its_static_start_is_a_residual_network_after_the_final_norm(x, dynamic):
+    k = 5
+    hyper, plain = make_stack("hyper", k, seed=3, dynamic=dynamic), make_stack("residual", k, seed=3)
+    for hb, pb in zip(hyper.blocks, plain.blocks):
+        hb.load_state_dict(pb.state_dict())
+    torch.testing.assert_close(plain_rms(hyper(x), 1e-12), plain_rms(plain(x), 1e-12))
+
+
+# --- mHC ----------------------------------------------------------------------------------------
+def sinkhorn_reference(logits, iters):
+    """exp, then `iters` rounds of column then row normalisation, entry by entry: m[t][s] (..., )."""
+    n = logits.shape[-1]
+    m = [[torch.exp(logits[..., t, s]) for s in range(n)] for t in range(n)]
+    for _ in range(iters):
+        cols = [sum(m[t][s] for t in range(n)) for s in range(n)]
+        m = [[m[t][s] / cols[s] for s in range(n)] for t in range(n)]
+        rows = [sum(m[t][s] for s in range(n)) for t in range(n)]
+        m = [[m[t][s] / rows[t] for s in range(n)] for t in range(n)]
+    return m
+
+
+def mhc_reference(stack, x):
+    """mHC: x' = RMSNorm(vec H); pre = sigmoid(a x'P + b); post = 2 sigmoid(.); res = Sinkhorn(exp(.));
+    H'_t = sum_s res[t][s] H_s + post[t] f(sum_s pre[s] H_s); the head sees sum_s r[s] H_s."""
+    c = stack.connectivity
+    n = c.num_streams
+
+    def head(streams):
+        if c.head == "sum":
+            return sum(streams)
+        r = torch.sigmoid(c.head_gating * (plain_rms(torch.cat(streams, -1), c.eps) @ c.head_proj.t()) + c.head_bias)
+        return sum(r[..., s : s + 1] * streams[s] for s in range(n))
+
+    streams = [x] * n
+    exits = [head(streams)]
+    for l, block in enumerate(stack.blocks):
+        mixes = plain_rms(torch.cat(streams, -1), c.eps) @ c.proj[l].t()  # (..., 2n + n*n)
+        a0, a1, a2 = c.gating[l]
+        pre = [torch.sigmoid(a0 * mixes[..., s] + c.bias_pre[l, s]).unsqueeze(-1) for s in range(n)]
+        post = [2 * torch.sigmoid(a1 * mixes[..., n + t] + c.bias_post[l, t]).unsqueeze(-1) for t in range(n)]
+        logits = torch.stack(
+            [torch.stack([a2 * mixes[..., 2 * n + t * n + s] + c.bias_res[l, t, s] for s in range(n)], -1) for t in range(n)], -2
+        )
+        res = sinkhorn_reference(logits, c.sinkhorn_iters)
+        y = block(sum(pre[s] * streams[s] for s in range(n)))
+        streams = [sum(res[t][s].unsqueeze(-1) * streams[s] for s in range(n)) + post[t] * y for t in range(n)]
+        exits.append(head(streams))
+    return exits[-1], exits
+
+
+@pytest.mark.parametrize("init,head", [("residual", "learned"), ("uniform", "sum"), ("residual", "sum")])
+@pytest.mark.parametrize("k,streams", [(1, 1), (3, 2), (4, 4)])
+def test_mhc_matches_reference(x, k, streams, init, head):
+    stack = make_stack("mhc", k, streams=streams, init=init, head=head)
+    randomize(stack.connectivity.gate_parameters(), scale=0.3)
+    out, exits = mhc_reference(stack, x)
+    check_against(stack, x, out, exits)
+
+
+def test_sinkhorn_is_doubly_stochastic_after_20_iterations():
+    from ancre_lightning.connectivity import sinkhorn
+
+    gen = torch.Generator().manual_seed(0)
+    for logits in (torch.randn(256, 4, 4, generator=gen), 2 * torch.eye(4) + 0.5 * torch.randn(256, 4, 4, generator=gen)):
+        m = sinkhorn(logits, 20)
+        assert m.dtype == torch.float32 and (m > 0).all()
+        torch.testing.assert_close(m.sum(-1), torch.ones(256, 4), atol=1e-3, rtol=0)
+        torch.testing.assert_close(m.sum(-2), torch.ones(256, 4), atol=1e-3, rtol=0)
+    assert (sinkhorn(torch.randn(256, 4, 4, generator=gen), 1).sum(-2) - 1).abs().max() > 1e-3  # it takes rounds
+
+
+def test_mhc_residual_start_is_near_a_residual_network(x):
+    k = 4
+    mhc, plain = make_stack("mhc", k, seed=3), make_stack("residual", k, seed=3)
+    for hb, pb in zip(mhc.blocks, plain.blocks):
+        hb.load_state_dict(pb.state_dict())
+    # equal streams stay equal; only the O(0.01 * 0.02) per-token terms differ from residual
+    torch.testing.assert_close(plain_rms(mhc(x)), plain_rms(plain(x)), atol=0.02, rtol=0)
+
+
+# --- dynamic dense (MUDD, one view) ---------------------------------------------------------------
+def mudd_reference(stack, x):
+    """After block j: w = W2 GELU(W1 RMSNorm(X_{j+1})) + a_j; h_{j+1} = sum_i w_i X_i."""
+    c = stack.connectivity
+    outputs, h, exits = [x], x, [x]
+    for j, block in enumerate(stack.blocks):
+        outputs.append(block(h))
+        m = c.weights[j]
+        w = torch.nn.functional.gelu(plain_rms(outputs[-1], m.eps) @ m.w1.t()) @ m.w2.t() + m.static  # (..., j+2)
+        h = sum(w[..., i : i + 1] * outputs[i] for i in range(j + 2))
+        exits.append(h)
+    return h, exits
+
+
+@pytest.mark.parametrize("k,hidden", [(1, None), (4, None), (3, 5)])
+def test_mudd_matches_reference(x, k, hidden):
+    stack = make_stack("mudd", k, hidden=hidden)
+    assert stack.connectivity.inner_residual
+    randomize(stack.connectivity.gate_parameters(), scale=0.3)
+    out, exits = mudd_reference(stack, x)
+    check_against(stack, x, out, exits)
+
+
+def test_mudd_at_init_is_exactly_a_residual_network(x):
+    mudd, plain = make_stack("mudd", 5, seed=2), make_stack("residual", 5, seed=2)
+    for hb, pb in zip(mudd.blocks, plain.blocks):
+        hb.load_state_dict(pb.state_dict())
+    out, exits = mudd(x, return_exits=True)
+    ref, ref_exits = plain(x, return_exits=True)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(exits, ref_exits))
+
+
+# --- every family -----------------------------------------------------------------------------------
+FAMILIES = [
+    ("attnres", {}), ("attnres", {"block_size": 2}), ("hyper", {}), ("hyper", {"dynamic": True}),
+    ("mhc", {}), ("mudd", {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,options", FAMILIES)
+def test_coefficients_rebuild_the_forward_pass_of_one_token(name, options):
+    """With one token the token mean is that token's weights: the (K, K+1) picture must rebuild
+    every layer's input (row j: layer j+1's) and the output (row K-1) from the history
+    s_0 = v_0, s_{i+1} = u_i (the layers' outputs)."""
+    k = 4
+    stack = make_stack(name, k, **options)
+    randomize(stack.connectivity.gate_parameters(), seed=6, scale=0.3)
+    inputs, history = [], []
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in stack.blocks]
+    hooks += [b.register_forward_hook(lambda m, a, o: history.append(o)) for b in stack.blocks]
+    x1 = torch.randn(1, 1, D)
+    with torch.no_grad():
+        out = stack(x1)
+    for hook in hooks:
+        hook.remove()
+    c = stack.connectivity.coefficients()
+    sources, targets = [x1] + history, inputs[1:] + [out]
+    for j in range(k):
+        rebuilt = sum(c[j, i] * sources[i] for i in range(j + 2))
+        torch.testing.assert_close(rebuilt, targets[j], rtol=1e-4, atol=1e-5)
+    spread = stack.connectivity.coefficient_spread()
+    assert spread is None or spread.abs().max() < 1e-5  # one token: no spread
+
+
+@pytest.mark.parametrize("name,options", FAMILIES)
+def test_every_wiring_parameter_learns_by_the_second_step(name, options):
+    stack = make_stack(name, 3, **options)
+    params = stack.connectivity.gate_parameters()
+    assert params and all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(stack.parameters(), lr=1e-2)
+    touched = {id(p): False for p in params}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        opt.zero_grad()
+        xb = torch.randn(4, 5, D, generator=gen)
+        stack(xb).square().mean().backward()
+        for p in params:
+            touched[id(p)] |= bool(p.grad is not None and p.grad.abs().sum() > 0)
+        opt.step()
+    names = {id(p): n for n, p in stack.connectivity.named_parameters()}
+    assert all(touched.values()), [names[i] for i, t in touched.items() if not t]
+
+
+@pytest.mark.parametrize("name,option", [("hyper", "streams"), ("mhc", "streams"), ("mhc", "sinkhorn_iters")])
+def test_counts_below_one_are_refused(name, option):
+    with pytest.raises(UserInputError, match=f"{name} {option} must be >= 1"):
+        build_connectivity(name, 4, dim=D, **{option: 0})
