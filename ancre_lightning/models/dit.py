@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
 from ..connectivity.aggregation import AggregationImpl
 from ..errors import UserInputError
+from .sublayer import Granularity, check_granularity
 
 #: Sinusoidal features of the timestep before its MLP (the DiT paper's frequency_embedding_size).
 TIMESTEP_FREQUENCIES = 256
@@ -72,6 +73,41 @@ class DiTBlock(nn.Module):
         a = (1 + gate1) * a  # (B, N, D)
         return (1 + gate2) * self.mlp(modulate(self.norm2(a), shift2, scale2))
 
+    def sublayers(self) -> list[nn.Module]:
+        """The block as two layers of a stack (attention, MLP), each with its own modulation."""
+        dim = self.norm1.normalized_shape[0]
+        return [
+            DiTSublayer(self.norm1, self.attn, dim, self.inner_residual),
+            DiTSublayer(self.norm2, self.mlp, dim, self.inner_residual),
+        ]
+
+
+class DiTSublayer(nn.Module):
+    """One adaLN-Zero sub-layer (attention or MLP) with its own modulation of the conditioning.
+
+    ``x + gate * body(mod(norm(x)))`` with an inner residual, ``(1 + gate) * body(mod(norm(x)))``
+    without (see :class:`DiTBlock`); the modulation starts at zero.
+
+    Args:
+        norm: the sub-layer's LayerNorm (no affine parameters).
+        body: the attention or the MLP.
+        dim: token width D.
+        inner_residual: keep the residual add (as the connectivity says).
+    """
+
+    def __init__(self, norm: nn.Module, body: nn.Module, dim: int, inner_residual: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.body = body
+        self.inner_residual = inner_residual
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x: (B, N, D) tokens, cond: (B, D) conditioning; returns (B, N, D)."""
+        shift, scale, gate = self.modulation(cond).unsqueeze(1).chunk(3, dim=-1)  # 3 x (B, 1, D)
+        b = self.body(modulate(self.norm(x), shift, scale))  # (B, N, D)
+        return x + gate * b if self.inner_residual else (1 + gate) * b
+
 
 class DiTFinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and a linear map from tokens to pixel patches (zero-initialised).
@@ -112,9 +148,11 @@ class DiT(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
         num_classes: number of class labels (0: unconditional).
         class_dropout: probability of dropping a label to the null class during training.
-        connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
+        connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
         aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
+            attention and every MLP is a layer with its own adaLN modulation: 2K layers).
     """
 
     def __init__(
@@ -131,6 +169,7 @@ class DiT(nn.Module):
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: AggregationImpl = "loop",
+        granularity: Granularity = "block",
     ) -> None:
         super().__init__()
         if patch_size < 1 or image_size < 1 or image_size % patch_size:
@@ -155,9 +194,11 @@ class DiT(nn.Module):
         self.time_proj = Timesteps(TIMESTEP_FREQUENCIES, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(TIMESTEP_FREQUENCIES, dim)
         self.label_embed = LabelEmbedding(num_classes, dim, class_dropout) if num_classes > 0 else None
-        wiring = build_connectivity(connectivity, n_layers, **(connectivity_options or {}))
+        sublayers = check_granularity(granularity, "DiT") == "sublayer"
+        wiring = build_connectivity(connectivity, n_layers * (2 if sublayers else 1), dim=dim, **(connectivity_options or {}))
         blocks = [DiTBlock(dim, n_heads, mlp_ratio, wiring.inner_residual) for _ in range(n_layers)]
-        self.stack = ConnectedStack(blocks, wiring, aggregation)
+        layers = [layer for block in blocks for layer in block.sublayers()] if sublayers else blocks
+        self.stack = ConnectedStack(layers, wiring, aggregation)
         self.final = DiTFinalLayer(dim, patch_size, in_channels)
         self._init_weights()
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, build_connectivity
 from ..connectivity.aggregation import AggregationImpl
 from ..errors import UserInputError
+from .sublayer import Granularity, Sublayer, check_granularity
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +103,13 @@ class DecoderBlock(nn.Module):
             return x + self.mlp(self.mlp_norm(x))
         return self.mlp(self.mlp_norm(a))
 
+    def sublayers(self) -> list[nn.Module]:
+        """The block as two layers of a stack: attention, then the MLP (same modules, same weights)."""
+        return [
+            Sublayer(self.attn_norm, self.attn, self.inner_residual, takes_args=True),
+            Sublayer(self.mlp_norm, self.mlp, self.inner_residual),
+        ]
+
 
 class CausalLM(nn.Module):
     """Token embedding -> ConnectedStack(K decoder blocks) -> RMSNorm -> LM head.
@@ -113,9 +121,11 @@ class CausalLM(nn.Module):
         n_heads: attention heads (``dim`` must be divisible by it).
         mlp_hidden: SwiGLU hidden width; default 8/3 * dim rounded up to a multiple of 64.
         max_seq_len: longest sequence the rotary tables cover.
-        connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
+        connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
         aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        granularity: ``block`` (the stack's layers are the K blocks) or ``sublayer`` (every
+            attention and every MLP is a layer: 2K layers).
         dropout: attention dropout probability.
         norm_eps: RMSNorm epsilon.
         rope_theta: rotary base.
@@ -133,6 +143,7 @@ class CausalLM(nn.Module):
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: AggregationImpl = "loop",
+        granularity: Granularity = "block",
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
@@ -143,18 +154,20 @@ class CausalLM(nn.Module):
             mlp_hidden = 64 * math.ceil(8 * dim / 3 / 64)
         self.max_seq_len = max_seq_len
         self.embed = nn.Embedding(vocab_size, dim)
-        wiring = build_connectivity(connectivity, n_layers, **(connectivity_options or {}))
+        sublayers = check_granularity(granularity, "CausalLM") == "sublayer"
+        wiring = build_connectivity(connectivity, n_layers * (2 if sublayers else 1), dim=dim, **(connectivity_options or {}))
         blocks = [DecoderBlock(dim, n_heads, mlp_hidden, wiring.inner_residual, norm_eps, dropout) for _ in range(n_layers)]
-        self.stack = ConnectedStack(blocks, wiring, aggregation)
+        layers = [layer for block in blocks for layer in block.sublayers()] if sublayers else blocks
+        self.stack = ConnectedStack(layers, wiring, aggregation)
         self.norm = RMSNorm(dim, norm_eps)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         cos, sin = rotary_tables(dim // n_heads, max_seq_len, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))  # GPT-2 scaled output projections
+        for block in blocks:  # GPT-2 scaled output projections (by module: sub-layers rename them)
+            for p in (block.attn.proj.weight, block.mlp.down.weight):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
         if tie_embeddings:
             self.head.weight = self.embed.weight
 

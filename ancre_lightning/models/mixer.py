@@ -15,7 +15,19 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
 from ..connectivity.aggregation import AggregationImpl
 from ..errors import UserInputError
+from .sublayer import Granularity, Sublayer, check_granularity
 from .vit import _check_positive, _divisor_hint, check_images, drop_path_rates, zero_init_head
+
+
+class TokenMixing(nn.Module):
+    """An MLP applied along the patch axis: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x.transpose(1, 2)).transpose(1, 2)  # (B, D, N) inside
 
 
 class MixerBlock(nn.Module):
@@ -65,6 +77,13 @@ class MixerBlock(nn.Module):
         x = x + self.drop_path1(t)  # (B, N, D)
         return x + self.drop_path2(self.mlp_channels(self.norm2(x)))  # (B, N, D)
 
+    def sublayers(self) -> list[nn.Module]:
+        """The block as two layers of a stack: token mixing, then channel mixing (same weights)."""
+        return [
+            Sublayer(self.norm1, TokenMixing(self.mlp_tokens), self.inner_residual, self.drop_path1),
+            Sublayer(self.norm2, self.mlp_channels, self.inner_residual, self.drop_path2),
+        ]
+
 
 class MLPMixer(nn.Module):
     """Patch embedding -> ConnectedStack(K Mixer blocks) -> LayerNorm -> mean over tokens -> head.
@@ -82,9 +101,11 @@ class MLPMixer(nn.Module):
         depth: number of blocks K.
         tokens_mlp_ratio: token-mixing MLP hidden width as a multiple of ``dim``.
         channels_mlp_ratio: channel-mixing MLP hidden width as a multiple of ``dim``.
-        connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
+        connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity.
         aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
+            token-mixing and every channel-mixing MLP is a layer: 2K layers).
         drop_rate: dropout inside the MLPs and before the head.
         drop_path_rate: stochastic depth, rising linearly to this over the blocks (residual
             branches only).
@@ -103,6 +124,7 @@ class MLPMixer(nn.Module):
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: AggregationImpl = "loop",
+        granularity: Granularity = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
@@ -118,13 +140,15 @@ class MLPMixer(nn.Module):
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         num_tokens = self.patch_embed.num_patches
-        wiring = build_connectivity(connectivity, depth, **(connectivity_options or {}))
+        sublayers = check_granularity(granularity, "MLP-Mixer") == "sublayer"
+        wiring = build_connectivity(connectivity, depth * (2 if sublayers else 1), dim=dim, **(connectivity_options or {}))
         rates = drop_path_rates(drop_path_rate, depth, wiring.inner_residual, "MLP-Mixer")
         blocks = [
             MixerBlock(dim, num_tokens, tokens_mlp_ratio, channels_mlp_ratio, wiring.inner_residual, drop_rate, rates[j])
             for j in range(depth)
         ]
-        self.stack = ConnectedStack(blocks, wiring, aggregation)
+        layers = [layer for block in blocks for layer in block.sublayers()] if sublayers else blocks
+        self.stack = ConnectedStack(layers, wiring, aggregation)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..connectivity import ConnectedStack, Connectivity, build_connectivity
+from ..connectivity import CONNECTIVITIES, ConnectedStack, Connectivity, StaticWiring, build_connectivity
 from ..connectivity.aggregation import AggregationImpl
 from ..errors import UserInputError
 from .vit import check_images, zero_init_head
@@ -191,9 +191,12 @@ class ResNet(nn.Module):
         stem_stride: stride of the small stem's convolution (2 halves the resolution before the
             first stage: the same cost buys twice the channels); the imagenet stem always
             reduces by 4.
-        connectivity: wiring of the blocks inside each stage: residual, ancre, acn, denseformer or fixed.
+        connectivity: wiring of the blocks inside each stage: residual, ancre, acn, denseformer or
+            fixed (the wirings with per-token weights or several streams need token states, (..., D):
+            use them with the ViT or the MLP-Mixer).
         connectivity_options: options of that connectivity (the same for every stage).
         aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        granularity: only ``block``: a convolutional block has no attention and MLP sub-layers.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth, rising linearly to this over all blocks (residual
             branches only).
@@ -212,10 +215,22 @@ class ResNet(nn.Module):
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: AggregationImpl = "loop",
+        granularity: str = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if granularity != "block":
+            raise UserInputError(
+                f"ResNet granularity must be 'block', got {granularity!r}: a convolutional block has no attention "
+                "and MLP sub-layers to wire apart; use granularity: sublayer with arch vit or mixer"
+            )
+        if not issubclass(CONNECTIVITIES.get(str(connectivity).lower(), StaticWiring), StaticWiring):
+            raise UserInputError(
+                f"connectivity {connectivity!r} computes per-token weights or keeps several streams over token "
+                "states (..., D); ResNet states are (B, C, H, W) feature maps. Use it with arch vit or mixer, or "
+                f"wire the ResNet with one of {', '.join(n for n, c in CONNECTIVITIES.items() if issubclass(c, StaticWiring))}"
+            )
         depths, widths = [int(d) for d in stage_depths], [int(w) for w in stage_widths]
         if block not in BLOCKS:
             raise UserInputError(f"ResNet block must be one of {list(BLOCKS)}, got {block!r}")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
 from ..connectivity.aggregation import AggregationImpl
 from ..errors import UserInputError
+from .sublayer import Granularity, Sublayer, check_granularity
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ class ViTBlock(nn.Module):
         x = x + self.drop_path1(a)  # (B, N, D)
         return x + self.drop_path2(self.mlp(self.norm2(x)))  # (B, N, D)
 
+    def sublayers(self) -> list[nn.Module]:
+        """The block as two layers of a stack: attention, then the MLP (same modules, same weights)."""
+        return [
+            Sublayer(self.norm1, self.attn, self.inner_residual, self.drop_path1),
+            Sublayer(self.norm2, self.mlp, self.inner_residual, self.drop_path2),
+        ]
+
 
 class VisionTransformer(nn.Module):
     """Patch embedding -> ConnectedStack(K ViT blocks) -> LayerNorm -> mean over tokens -> head.
@@ -134,9 +142,11 @@ class VisionTransformer(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
         qkv_bias: bias on the query/key/value projection.
         pos_embed: ``"sincos"`` (fixed 2-D sin-cos table, a buffer) or ``"learned"``.
-        connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
+        connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
         aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
+            attention and every MLP is a layer: 2K layers).
         drop_rate: dropout after the position embedding, in the blocks and before the head.
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, rising linearly to this over the blocks (residual
@@ -158,6 +168,7 @@ class VisionTransformer(nn.Module):
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: AggregationImpl = "loop",
+        granularity: Granularity = "block",
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -186,13 +197,15 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))  # (1, N, D)
             trunc_normal_(self.pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        wiring = build_connectivity(connectivity, depth, **(connectivity_options or {}))
+        sublayers = check_granularity(granularity, "ViT") == "sublayer"
+        wiring = build_connectivity(connectivity, depth * (2 if sublayers else 1), dim=dim, **(connectivity_options or {}))
         rates = drop_path_rates(drop_path_rate, depth, wiring.inner_residual, "ViT")
         blocks = [
             ViTBlock(dim, num_heads, mlp_ratio, wiring.inner_residual, qkv_bias, drop_rate, attn_drop_rate, rates[j])
             for j in range(depth)
         ]
-        self.stack = ConnectedStack(blocks, wiring, aggregation)
+        layers = [layer for block in blocks for layer in block.sublayers()] if sublayers else blocks
+        self.stack = ConnectedStack(layers, wiring, aggregation)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes)

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..errors import UserInputError
 from ..models import MLPMixer, ResNet, VisionTransformer
+from ..models.sublayer import Granularity
 from .base import CompileMode, ConnectivityModule
 
 Arch = Literal["vit", "mixer", "resnet"]
@@ -41,11 +42,15 @@ def build_classifier_net(
     connectivity: str,
     connectivity_options: dict[str, Any] | None,
     aggregation: str,
+    granularity: str,
     drop_rate: float,
     drop_path_rate: float,
 ) -> nn.Module:
     """The network of one architecture; each takes the arguments that apply to it."""
-    wiring = {"connectivity": connectivity, "connectivity_options": connectivity_options, "aggregation": aggregation}
+    wiring = {
+        "connectivity": connectivity, "connectivity_options": connectivity_options, "aggregation": aggregation,
+        "granularity": granularity,
+    }  # fmt: skip
     if arch == "vit":
         return VisionTransformer(
             num_classes, img_size, patch_size, in_chans, dim=dim, depth=depth, num_heads=num_heads,
@@ -101,10 +106,14 @@ class ClassifierModule(ConnectivityModule):
         stem_width: output channels of the resnet stem.
         stem_stride: stride of the small resnet stem (2: the stages start at half resolution, so
             the same compute buys twice the channels).
-        connectivity: how the blocks are wired: residual, ancre, acn (Auto-Compressing: blocks
-            without inner residual), denseformer or fixed.
+        connectivity: how the layers are wired: residual, ancre, acn (Auto-Compressing: blocks
+            without inner residual), denseformer, fixed, attnres (attention residuals), hyper
+            (hyper-connections), mhc (manifold-constrained hyper-connections) or mudd (dynamic dense
+            connections); the last four need token states (arch vit or mixer).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01}`` for ancre.
         aggregation: implementation of the weighted merge of states: loop or fused.
+        granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
+            and every MLP is a layer, as the attention-residual and mHC papers wire them).
         drop_rate: dropout (vit: after positions, in the blocks and before the head; mixer: in
             the MLPs and before the head; resnet: before the head).
         drop_path_rate: stochastic depth, rising linearly over the blocks to this value (only
@@ -150,6 +159,7 @@ class ClassifierModule(ConnectivityModule):
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: Literal["loop", "fused"] = "loop",
+        granularity: Granularity = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         label_smoothing: float = 0.1,
@@ -198,6 +208,7 @@ class ClassifierModule(ConnectivityModule):
             connectivity=connectivity,
             connectivity_options=connectivity_options,
             aggregation=aggregation,
+            granularity=granularity,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
         )

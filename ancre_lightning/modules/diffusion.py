@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric
 
 from ..errors import UserInputError
 from ..models.dit import DiT
+from ..models.sublayer import Granularity
 from .base import CompileMode, ConnectivityModule
 
 __all__ = ["DiffusionModule", "EMAWarmup", "SAMPLERS", "build_sampler", "to_uint8"]
@@ -107,9 +108,13 @@ class DiffusionModule(ConnectivityModule):
             model and ignores the labels.
         class_dropout: probability of replacing a label by the null class in training, which
             enables classifier-free guidance (0 turns guidance off).
-        connectivity: how the blocks are wired: residual, ancre, acn, denseformer or fixed.
+        connectivity: how the layers are wired: residual, ancre, acn, denseformer, fixed, attnres
+            (attention residuals), hyper (hyper-connections), mhc (manifold-constrained
+            hyper-connections) or mudd (dynamic dense connections).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01, normalization: incoming}``.
         aggregation: implementation of the weighted merge of states: loop or fused.
+        granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
+            and every MLP is a layer, as the attention-residual and mHC papers wire them).
         prediction_type: what the network predicts: ``epsilon`` (the noise) or ``v_prediction``.
         num_train_timesteps: diffusion steps T of the forward process.
         beta_schedule: noise schedule: linear (DDPM / DiT), scaled_linear or squaredcos_cap_v2 (cosine).
@@ -152,6 +157,7 @@ class DiffusionModule(ConnectivityModule):
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: Literal["loop", "fused"] = "loop",
+        granularity: Granularity = "block",
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         num_train_timesteps: int = 1000,
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
@@ -199,6 +205,7 @@ class DiffusionModule(ConnectivityModule):
             connectivity=connectivity,
             connectivity_options=connectivity_options,
             aggregation=aggregation,
+            granularity=granularity,
         )
         if guidance_scale != 1.0 and not self.net.supports_guidance:
             raise UserInputError(

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from ..models import CausalLM
+from ..models.sublayer import Granularity
 from .base import CompileMode, ConnectivityModule
 from ..errors import UserInputError
 
@@ -28,10 +29,16 @@ class LLMModule(ConnectivityModule):
         n_heads: attention heads.
         mlp_hidden: SwiGLU hidden width (default 8/3 * dim rounded up to a multiple of 64).
         max_seq_len: longest sequence the model accepts (rotary tables).
-        connectivity: how the blocks are wired: residual, ancre, acn, denseformer or fixed.
+        connectivity: how the layers are wired: residual, ancre, acn, denseformer, fixed, attnres
+            (attention residuals), hyper (hyper-connections), mhc (manifold-constrained
+            hyper-connections) or mudd (dynamic dense connections).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01, normalization: incoming}``
-            for ancre, ``{dilation: 1, period: 1}`` for denseformer, ``{edges: ["0:2"]}`` for fixed.
+            for ancre, ``{dilation: 1, period: 1}`` for denseformer, ``{edges: ["0:2"]}`` for fixed,
+            ``{block_size: 4}`` for attnres, ``{streams: 4, dynamic: true}`` for hyper,
+            ``{streams: 4, sinkhorn_iters: 20, init: residual}`` for mhc, ``{hidden: 64}`` for mudd.
         aggregation: implementation of the weighted merge of states: loop or fused (torch.compile kernel).
+        granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
+            and every MLP is a layer, as the attention-residual and mHC papers wire them).
         dropout: attention dropout.
         tie_embeddings: share the token embedding with the LM head.
         lr: peak learning rate of AdamW.
@@ -56,6 +63,7 @@ class LLMModule(ConnectivityModule):
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
         aggregation: Literal["loop", "fused"] = "loop",
+        granularity: Granularity = "block",
         dropout: float = 0.0,
         tie_embeddings: bool = False,
         lr: float = 1e-3,
@@ -79,6 +87,7 @@ class LLMModule(ConnectivityModule):
             connectivity=connectivity,
             connectivity_options=connectivity_options,
             aggregation=aggregation,
+            granularity=granularity,
             dropout=dropout,
             tie_embeddings=tie_embeddings,
         )
