@@ -94,6 +94,14 @@ class GateSparsity(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         conns = connectivities_of(pl_module, type(self).__name__)
+        meaningless = {n: c for n, c in conns.items() if c.gate_parameters() and not c.supports_sparsity}
+        if stage == "fit" and meaningless:
+            names = ", ".join(f"{n}: {c.name}" for n, c in meaningless.items())
+            raise UserInputError(
+                f"GateSparsity: a penalty on the wiring of {names} has no meaning: its (K, K+1) picture is the "
+                "token mean of per-token weights or is unrolled from stream maps, not the learned weights themselves. "
+                "GateSparsity works with connectivity ancre or denseformer; remove it from trainer.callbacks."
+            )
         if stage == "fit" and not any(c.gate_parameters() for c in conns.values()):
             names = ", ".join(f"{n}: {c.name}" for n, c in conns.items())
             raise UserInputError(

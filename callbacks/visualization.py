@@ -35,7 +35,11 @@ class GateVisualization(Callback):
     - ``gates/entropy/row_<j>``: the entropy of each row's weights over earlier states (scalars,
       to every logger; for ANCRe the entropy of the softmax gate, 0 for a single source),
     - ``gates/logits``: a TensorBoard histogram of the learned gate parameters (ANCRe logits,
-      DenseFormer weights), when there are any,
+      DenseFormer weights, queries and projections of the per-token families), when there are any,
+    - for wirings with per-token weights (attnres, mudd, dynamic hyper, mhc), whose heatmap is
+      the token mean on the batch last seen: ``gates/token_spread`` (a heatmap of the standard
+      deviation of each weight over the tokens, also as ``token_spread_step<step>.png``) and
+      ``gates/token_spread/row_<j>`` (its mean over row j's entries),
     - ``<log_dir>/gates/[<stack>_]wiring_step<step>.png``: the same heatmap as a PNG file, for
       people who do not use TensorBoard.
 
@@ -96,17 +100,30 @@ class GateVisualization(Callback):
         scalars: dict[str, float] = {}
         for name, conn in conns.items():
             c = conn.coefficients().detach().float().cpu()  # (K, K+1)
-            title = f"{name}: {conn.name} wiring, step {step}" if several else f"{conn.name} wiring, step {step}"
+            what = "wiring (token mean)" if conn.per_token else "wiring"
+            title = f"{name}: {conn.name} {what}, step {step}" if several else f"{conn.name} {what}, step {step}"
             png = self.save_png and self.log_dir is not None
+            prefix = f"{name}_" if several else ""
             if writers or png:
                 image = figure_to_rgb(wiring_figure(c, title, annotate=self.annotate, cmap=self.cmap))  # (H, W, 3)
                 for writer in writers:
                     writer.add_image(stack_tag("gates", name, "wiring", several), image, step, dataformats="HWC")
                 if png:
-                    prefix = f"{name}_" if several else ""
                     save_png(image, self.log_dir / "gates" / f"{prefix}wiring_step{step:07d}.png")
             for j, h in enumerate(row_entropy(c).tolist()):
                 scalars[stack_tag("gates", name, f"entropy/row_{j}", several)] = h
+            spread = conn.coefficient_spread()
+            if spread is not None:  # per-token weights: how much they vary over the tokens
+                spread = spread.detach().float().cpu()  # (K, K+1)
+                for j in range(spread.shape[0]):
+                    scalars[stack_tag("gates", name, f"token_spread/row_{j}", several)] = float(spread[j, : j + 2].mean())
+                if writers or png:
+                    title = f"{name}: {conn.name} token spread, step {step}" if several else f"{conn.name} token spread, step {step}"
+                    image = figure_to_rgb(wiring_figure(spread, title, annotate=self.annotate, cmap="magma"))
+                    for writer in writers:
+                        writer.add_image(stack_tag("gates", name, "token_spread", several), image, step, dataformats="HWC")
+                    if png:
+                        save_png(image, self.log_dir / "gates" / f"{prefix}token_spread_step{step:07d}.png")
             gates = conn.gate_parameters()
             if gates and writers:
                 values = torch.cat([p.detach().float().flatten().cpu() for p in gates])
