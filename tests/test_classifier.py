@@ -249,6 +249,8 @@ def test_configs_cover_every_model_and_wiring():
     for name in ("vit_s16", "mixer_cifar10"):
         for wiring in ("residual", "acn"):
             assert f"{name}_{wiring}.yaml" in CLASSIFIER_CONFIGS
+    for wiring in ("attnres", "hyper", "mhc", "mudd"):
+        assert f"vit_fmnist_{wiring}.yaml" in CLASSIFIER_CONFIGS
 
 
 def image_folder(root: Path, classes: int = 3, size: int = 40) -> Path:

@@ -25,8 +25,10 @@ SMALL_DATA = [
 
 def test_llm_configs_are_shipped_for_every_connectivity():
     assert "quickstart.yaml" in LLM_CONFIGS
-    for name in ("residual", "ancre", "acn", "denseformer"):
+    for name in ("residual", "ancre", "acn", "denseformer", "attnres", "hyper", "mhc", "mudd"):
         assert f"llama60m_{name}.yaml" in LLM_CONFIGS
+    for name in ("attnres", "hyper", "mhc", "mudd"):
+        assert f"quickstart_{name}.yaml" in LLM_CONFIGS
 
 
 @pytest.mark.parametrize("config", LLM_CONFIGS)

@@ -282,7 +282,8 @@ def test_bad_data_arguments():
 
 def test_diffusion_configs_are_shipped():
     assert {"fmnist_residual.yaml", "fmnist_ancre.yaml", "dit_s2_ancre.yaml", "dit_s2_residual.yaml",
-            "dit_b2_ancre.yaml", "dit_b2_residual.yaml"} <= set(DIFFUSION_CONFIGS)  # fmt: skip
+            "dit_b2_ancre.yaml", "dit_b2_residual.yaml", "fmnist_attnres.yaml", "fmnist_hyper.yaml",
+            "fmnist_mhc.yaml", "fmnist_mudd.yaml"} <= set(DIFFUSION_CONFIGS)  # fmt: skip
 
 
 @pytest.mark.parametrize("name,params", [("dit_s2", 32.5e6), ("dit_b2", 129.6e6)])
