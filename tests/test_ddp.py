@@ -228,16 +228,27 @@ FROZEN = {
     "diffusion-unconditional-ancre-constant": ("diffusion", dict(num_classes=0, ema_decay=0.9,
                                                 connectivity_options={"parameterization": "constant"})),
 }  # fmt: skip
+# The 2025-26 families (per-token weights, several streams) take the same step test as the domains.
+FAMILY_STEPS = {
+    "llm-attnres": ("llm", dict(connectivity="attnres", connectivity_options={"block_size": 2}, granularity="sublayer")),
+    "llm-hyper": ("llm", dict(connectivity="hyper", connectivity_options={"streams": 2, "dynamic": True},
+                              granularity="sublayer")),
+    "llm-mhc": ("llm", dict(connectivity="mhc", connectivity_options={"streams": 2}, granularity="sublayer")),
+    "llm-mudd": ("llm", dict(connectivity="mudd")),
+}  # fmt: skip
+#: every case of the step test: a domain (with ANCRe) or a family on the LLM
+STEP_CASES = {**{d: (d, {}) for d in DOMAINS}, **FAMILY_STEPS}
 #: the frozen cases of the default run; the others run with ``-m slow`` (a second launch)
 FROZEN_DEFAULT = ("llm-ancre-constant", "llm-fixed")
 # val shards: rank 0 gets two batches, rank 1 one, so a plain mean of the ranks' means is wrong
 VAL_SHARDS = (slice(0, 2 * B), slice(2 * B, 3 * B))
 
 
-def scenario_step(domain: str, rank: int, out: Path) -> dict:
+def scenario_step(case: str, rank: int, out: Path) -> dict:
+    domain, overrides = STEP_CASES[case]
     capture = Capture()
     half = rows(data(domain, WORLD * B), slice(rank * B, (rank + 1) * B))
-    make_trainer(WORLD, 1, [capture], out).fit(build(domain), loader(half, B))
+    make_trainer(WORLD, 1, [capture], out).fit(build(domain, **overrides), loader(half, B))
     return capture.record
 
 
@@ -293,8 +304,9 @@ def scenario_rng(rank: int, out: Path) -> dict:
 
 def scenarios() -> dict[str, Any]:
     table: dict[str, Any] = {}
+    for case in STEP_CASES:
+        table[f"step-{case}"] = lambda rank, out, c=case: scenario_step(c, rank, out)
     for domain in DOMAINS:
-        table[f"step-{domain}"] = lambda rank, out, d=domain: scenario_step(d, rank, out)
         table[f"metrics-{domain}"] = lambda rank, out, d=domain: scenario_metrics(d, rank, out)
     for name in FROZEN:
         table[f"frozen-{name}"] = lambda rank, out, n=name: scenario_frozen(n, rank, out)
@@ -405,17 +417,17 @@ def plain_loss(domain: str, module: L.LightningModule, batch: Any) -> Tensor:
     return F.mse_loss(module.net(noisy, batch["timesteps"], batch["labels"]), batch["noise"])  # epsilon target
 
 
-def summed_grads(domain: str, parts: list[Any]) -> TENSOR:
+def summed_grads(domain: str, parts: list[Any], **overrides: Any) -> TENSOR:
     """Gradient of the mean of the parts' losses, one backward per part (DDP's arithmetic by hand)."""
-    module = build(domain).train()
+    module = build(domain, **overrides).train()
     for part in parts:
         (plain_loss(domain, module, part) / len(parts)).backward()
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def single_process_step(domain: str) -> dict:
+def single_process_step(domain: str, **overrides: Any) -> dict:
     capture = Capture()
-    make_trainer(1, 1, [capture]).fit(build(domain), loader(data(domain, WORLD * B), WORLD * B))
+    make_trainer(1, 1, [capture]).fit(build(domain, **overrides), loader(data(domain, WORLD * B), WORLD * B))
     return capture.record
 
 
@@ -445,16 +457,17 @@ def one_thread():
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_one_step_on_two_processes_equals_one_step_on_one(domain, ranks, one_thread):
-    r0, r1 = per_rank(ranks, f"step-{domain}")
-    ref = single_process_step(domain)
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_one_step_on_two_processes_equals_one_step_on_one(case, ranks, one_thread):
+    domain, overrides = STEP_CASES[case]
+    r0, r1 = per_rank(ranks, f"step-{case}")
+    ref = single_process_step(domain, **overrides)
     assert max_abs(r0["init"], ref["init"]) == 0.0 and max_abs(r1["init"], ref["init"]) == 0.0
 
     full = data(domain, WORLD * B)
     halves = [rows(full, slice(r * B, (r + 1) * B)) for r in range(WORLD)]
-    by_hand_full = summed_grads(domain, [full])
-    by_hand_halves = summed_grads(domain, halves)
+    by_hand_full = summed_grads(domain, [full], **overrides)
+    by_hand_halves = summed_grads(domain, halves, **overrides)
     # the module's own training path (Trainer, training_step, loss averaging) gives the plain gradient
     assert rel_error(ref["grads"], by_hand_full) <= 8 * U32
     # both ranks step with the same, all-reduced gradient, and end with the same weights, gates included
@@ -468,13 +481,16 @@ def test_one_step_on_two_processes_equals_one_step_on_one(domain, ranks, one_thr
     reorder = rel_error(by_hand_halves, by_hand_full)
     error = rel_error(r0["grads"], ref["grads"])
     abs_error = max_abs(r0["grads"], ref["grads"])
-    print(f"\n{domain}: DDP vs one process, gradients: max abs error {abs_error:.3g}, relative {error:.3g} "
+    print(f"\n{case}: DDP vs one process, gradients: max abs error {abs_error:.3g}, relative {error:.3g} "
           f"(reordering by hand {reorder:.3g}, DDP vs halves by hand {ddp_vs_halves:.3g}, float32 unit "
           f"roundoff {U32:.3g})")  # fmt: skip
     assert reorder < 1e-3  # float32 noise, not a different loss (that would be of order 1)
     assert error <= 2 * reorder + 8 * U32
-    gate_names = [k for k in ref["grads"] if "gate_logits" in k]
-    assert gate_names and all(ref["grads"][k].abs().max() > 0 for k in gate_names)  # the gates do learn here
+    wiring = build(domain, **overrides)
+    gate_ids = {id(p) for p in wiring.gate_parameters()}
+    gate_names = [n for n, p in wiring.named_parameters() if id(p) in gate_ids]
+    assert gate_names and all(k in ref["grads"] for k in gate_names)  # DDP reduced every wiring parameter
+    assert any(ref["grads"][k].abs().max() > 0 for k in gate_names)  # the gates do learn here
 
     # weights after the module's AdamW step: the first step moves each weight by lr * g / (|g| + eps),
     # nearly sign(g), so compare it with the bound the two gradients imply, element by element
@@ -489,7 +505,7 @@ def test_one_step_on_two_processes_equals_one_step_on_one(domain, ranks, one_thr
         diff = (r0["after"][k] - ref["after"][k]).abs()
         assert (diff <= bound).all(), k
         params_error = max(params_error, float(diff.max()))
-    print(f"{domain}: DDP vs one process, weights after one AdamW step: max abs error {params_error:.3g}")
+    print(f"{case}: DDP vs one process, weights after one AdamW step: max abs error {params_error:.3g}")
     # the training loss is logged synchronised: the mean of the ranks' losses, the full-batch loss
     synced = [k for k in r0["metrics"] if k.startswith("train/") and not k.endswith("_per_s")]
     assert "train/loss" in synced and all(r0["metrics"][k] == r1["metrics"][k] for k in synced)

@@ -356,3 +356,94 @@ def test_every_wiring_parameter_learns_by_the_second_step(name, options):
 def test_counts_below_one_are_refused(name, option):
     with pytest.raises(UserInputError, match=f"{name} {option} must be >= 1"):
         build_connectivity(name, 4, dim=D, **{option: 0})
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,options", FAMILIES)
+def test_compiles_in_one_graph_without_recompiles_as_training_goes_on(name, options, backend):
+    """fullgraph=True fails at any graph break; error_on_recompile fails when an optimiser step (new
+    parameter values) or the recorded statistics (buffers changed in place) trigger a new compile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    stack = make_stack(name, 3, **options)
+    eager = make_stack(name, 3, **options)
+    compiled = torch.compile(stack, backend=backend, fullgraph=True)
+    opt = torch.optim.AdamW(stack.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    xb = torch.randn(2, 5, D, generator=gen)
+    out = compiled(xb)
+    torch.testing.assert_close(out, eager(xb), rtol=1e-4, atol=1e-5)  # the same function as eager
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            opt.zero_grad()
+            compiled(torch.randn(2, 5, D, generator=gen)).square().mean().backward()
+            opt.step()
+    if stack.connectivity.per_token:  # the statistics were recorded inside the compiled graph
+        assert not torch.equal(stack.connectivity.coefficients(), eager.connectivity.coefficients())
+
+
+# --- in the models and modules --------------------------------------------------------------------
+MODEL_FAMILIES = [("attnres", {"block_size": 2}), ("hyper", {"dynamic": True}), ("mhc", {}), ("mudd", {})]
+
+
+@pytest.mark.parametrize("name,options", MODEL_FAMILIES)
+def test_wiring_stays_float32_and_out_of_weight_decay_under_bf16_true(name, options):
+    from ancre_lightning.modules import LLMModule
+
+    module = LLMModule(dim=32, n_layers=2, n_heads=2, max_seq_len=16, connectivity=name,
+                       connectivity_options=options, granularity="sublayer")  # fmt: skip
+    module.to(torch.bfloat16)  # what precision: bf16-true does
+    gates = module.gate_parameters()
+    assert gates and all(p.dtype == torch.float32 for p in gates)
+    assert module.net.embed.weight.dtype == torch.bfloat16
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert {id(p) for p in groups["gates"]["params"]} == {id(p) for p in gates}
+    assert groups["gates"]["weight_decay"] == 0.0
+    named = dict(module.named_parameters())
+    wiring = {n for n, p in named.items() if id(p) in {id(g) for g in gates}}
+    assert wiring == {n for n in named if ".connectivity." in n}  # every wiring parameter is a gate
+    ids = torch.randint(0, 257, (2, 16))
+    logits = module(ids)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    _, exits = module.net.forward_features(ids, return_exits=True)
+    assert len(exits) == 5 and all(e.dtype == torch.bfloat16 for e in exits)
+
+
+def test_sublayer_granularity_is_the_ordinary_pre_norm_transformer_for_residual():
+    from ancre_lightning.models import CausalLM
+
+    ids = torch.randint(0, 257, (2, 12))
+    torch.manual_seed(0)
+    block = CausalLM(257, dim=32, n_layers=3, n_heads=2, connectivity="residual")
+    torch.manual_seed(0)
+    sub = CausalLM(257, dim=32, n_layers=3, n_heads=2, connectivity="residual", granularity="sublayer")
+    assert sub.connectivity.num_layers == 6 and block.connectivity.num_layers == 3
+    assert torch.equal(block(ids), sub(ids))  # same weights (same seed), same function
+
+
+def test_gate_sparsity_refuses_wirings_where_a_penalty_means_nothing():
+    from ancre_lightning.callbacks import GateSparsity
+    from ancre_lightning.modules import LLMModule
+
+    module = LLMModule(dim=32, n_layers=2, n_heads=2, connectivity="mhc")
+    with pytest.raises(UserInputError, match="GateSparsity: a penalty on the wiring of stack: mhc has no meaning"):
+        GateSparsity().setup(None, module, "fit")
+
+
+def test_gate_visualization_draws_the_token_spread_of_per_token_wirings(tmp_path):
+    import lightning as L
+
+    from ancre_lightning.callbacks import GateVisualization
+    from ancre_lightning.modules import LLMModule
+
+    module = LLMModule(dim=32, n_layers=2, n_heads=2, max_seq_len=16, connectivity="attnres")
+    randomize(module.gate_parameters(), scale=0.5)
+    module(torch.randint(0, 257, (2, 16)))
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path), enable_progress_bar=False)
+    callback = GateVisualization()
+    callback.log_dir = tmp_path
+    callback.draw(trainer, module, 7)
+    files = sorted(p.name for p in (tmp_path / "gates").glob("*.png"))
+    assert files == ["token_spread_step0000007.png", "wiring_step0000007.png"]
+    assert module.connectivity.coefficient_spread().max() > 0
