@@ -212,7 +212,22 @@ LLM_GPU: dict[str, Any] = {"n_layers": 8, "dim": 512, "n_heads": 8, "mlp_hidden"
 LLM_QUICK: dict[str, Any] = {"n_layers": 2, "dim": 32, "n_heads": 2, "mlp_hidden": None, "seq_len": 16,
                              "batch_size": 2, "precision": "32-true"}
 MODEL_KEYS = ("n_layers", "dim", "n_heads", "mlp_hidden", "seq_len", "batch_size", "precision")
-CONNECTIVITIES = ("residual", "ancre", "acn", "denseformer")
+#: The wirings a benchmark row can name: (connectivity, options, granularity). The 2025-26 families
+#: run at sub-layer granularity as their papers do (residual is the same function at both), except
+#: MUDD, which wires blocks; ``attnres-block`` groups 4 sub-layers (2 blocks) per block.
+WIRINGS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "residual": ("residual", {}, "block"),
+    "ancre": ("ancre", {}, "block"),
+    "acn": ("acn", {}, "block"),
+    "denseformer": ("denseformer", {}, "block"),
+    "attnres": ("attnres", {"block_size": 1}, "sublayer"),
+    "attnres-block": ("attnres", {"block_size": 4}, "sublayer"),
+    "hyper": ("hyper", {"streams": 4}, "sublayer"),
+    "hyper-dynamic": ("hyper", {"streams": 4, "dynamic": True}, "sublayer"),
+    "mhc": ("mhc", {"streams": 4}, "sublayer"),
+    "mudd": ("mudd", {}, "block"),
+}
+CONNECTIVITIES = tuple(WIRINGS)
 #: eager: the model runs eagerly, every merge is our fused kernel; compile: the whole inner network
 #: compiled in place (the ``compile: true`` path); compile-graphs: the same with CUDA graphs
 #: (``compile: reduce-overhead``; on a CPU the same as compile); eager-loop: eager with the plain
@@ -256,6 +271,9 @@ def build_llm(
 
     if mode not in MODES:
         raise UserInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if connectivity not in WIRINGS:
+        raise UserInputError(f"unknown wiring {connectivity!r}; the benchmark knows {', '.join(WIRINGS)}")
+    name, options, granularity = WIRINGS[connectivity]
     torch.manual_seed(seed)
     module = LLMModule(
         vocab_size=257,
@@ -264,7 +282,9 @@ def build_llm(
         n_heads=shape["n_heads"],
         mlp_hidden=shape["mlp_hidden"],
         max_seq_len=shape["seq_len"],
-        connectivity=connectivity,
+        connectivity=name,
+        connectivity_options=options,
+        granularity=granularity,
         aggregation="loop" if mode == "eager-loop" else "fused",
         compile=_COMPILE_OPTION[mode],
         fused_optimizer=fused_optimizer,

@@ -44,8 +44,11 @@ NAME = "step"
 #: ``modes: None`` = eager and compile, plus compile-graphs on a GPU.
 FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True}
 QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "reps": 2, "warmup": 1}
-#: The step-overhead target per compiled mode (GPU: under 1 %, the issue's goal there).
+#: The step-overhead target per compiled mode (ANCRe: 3 % on CPU, under 1 % on GPU).
 COMPILED_MODES = ("compile", "compile-graphs")
+#: The compiled step-overhead targets of the 2025-26 families (the mHC paper reports 6.7 % for
+#: 4 streams with hand-fused GPU kernels).
+FAMILY_LIMITS = {"attnres-block": 0.05, "attnres": 0.10, "hyper": 0.10, "hyper-dynamic": 0.10, "mhc": 0.10}
 
 
 def run(
@@ -93,10 +96,12 @@ def run(
             })
     pick = {(r["mode"], r["connectivity"]): r for r in rows}
     limit = 0.01 if device.type == "cuda" else 0.03
+    limits = {"ancre": limit, **FAMILY_LIMITS}
     targets = [
-        target(f"ANCRe step overhead vs residual, {mode}", pick[mode, "ancre"]["overhead_vs_residual"], "<=", limit)
+        target(f"{conn} step overhead vs residual, {mode}", pick[mode, conn]["overhead_vs_residual"], "<=", bound)
+        for conn, bound in limits.items()
         for mode in COMPILED_MODES
-        if (mode, "ancre") in pick and pick[mode, "ancre"]["overhead_vs_residual"] is not None
+        if (mode, conn) in pick and pick[mode, conn]["overhead_vs_residual"] is not None
     ]
     return {
         "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "reps": reps,
