@@ -127,7 +127,7 @@ def test_help_is_built_from_docstrings(capsys):
         build_cli(["fit", "--model.help", "LLMModule"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "how the blocks are wired" in text and "--model.connectivity_options" in text
+    assert "how the layers are wired" in text and "--model.connectivity_options" in text
 
 
 def test_print_config_shows_the_resolved_config(capsys):
