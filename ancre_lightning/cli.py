@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
@@ -26,6 +27,7 @@ from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.callbacks import FiniteGuard
+from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_options, options_parser
 from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
 from ancre_lightning.modules.base import check_checkpoint_for_config
@@ -44,6 +46,12 @@ class AncreCLI(LightningCLI):
     config stored in the checkpoint. Every trainer writes its checkpoints atomically.
     """
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--connectivity.help", action=ConnectivityHelp, metavar="NAME",
+            help=f"Show the options of a connectivity ({', '.join(CONNECTIVITIES)}), with types and defaults, and exit.",
+        )  # fmt: skip
+
     def parse_arguments(self, parser, args) -> None:
         args = self._with_checkpoint_config(args)
         for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
@@ -54,7 +62,35 @@ class AncreCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except ArgumentError as exc:
             raise UserInputError(parse_error_message(str(exc), known_option_names())) from None
+        self._switch_wiring(list(sys.argv[1:]) if args is None else args)
         self._check_ckpt_path()  # before LightningCLI replaces the model config by the checkpoint's
+
+    def _switch_wiring(self, argv) -> None:
+        """``--model.init_args.connectivity NAME`` on the command line, without
+        ``connectivity_options``, switches the wiring of a config: the config's options that the new
+        connectivity does not take (``tau`` of ancre when switching to acn) are dropped, with a note."""
+        if not isinstance(argv, list):
+            return
+        given = {str(a).split("=", 1)[0] for a in argv}
+        switch = {"--model.init_args.connectivity", "--model.connectivity"} & given
+        if not switch or {"--model.init_args.connectivity_options", "--model.connectivity_options"} & given:
+            return
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        init = config.get("model", {}).get("init_args") if config.get("model") else None
+        if init is None or not init.get("connectivity_options"):
+            return
+        name = str(init.get("connectivity")).lower()
+        if name not in CONNECTIVITIES:
+            return  # build_connectivity names the valid ones
+        valid = connectivity_options(name)
+        options = dict(init["connectivity_options"])
+        dropped = sorted(k for k in options if k not in valid)
+        if dropped:
+            init["connectivity_options"] = {k: v for k, v in options.items() if k in valid} or None
+            print(
+                f"ancre: connectivity {name!r} from the command line: the config's connectivity_options "
+                f"{dropped} belong to another wiring and are left out", file=sys.stderr,
+            )  # fmt: skip
 
     def instantiate_classes(self) -> None:
         self._check_ckpt_path()  # again once `--ckpt_path last` is a file: before anything is built or written
@@ -90,6 +126,18 @@ class AncreCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:  # --ckpt_path last -> the run's newest last.ckpt, same log version
             resolve_resume(self.config[self.subcommand], keep_version=self.subcommand == "fit")
+
+
+class ConnectivityHelp(argparse.Action):
+    """``--connectivity.help NAME``: the options of one connectivity, with types, defaults and docs."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        name = str(values).lower()
+        if name not in CONNECTIVITIES:
+            raise UserInputError(f"unknown connectivity {values!r}; valid connectivities: {', '.join(CONNECTIVITIES)}")
+        print(f"Options of connectivity {name!r} (model init_args connectivity_options; the model sets num_layers and dim):\n")
+        options_parser(name).print_help()
+        sys.exit(0)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:

@@ -280,3 +280,58 @@ def test_ancre_debug_raises_the_error_itself(monkeypatch):
     monkeypatch.setenv("ANCRE_DEBUG", "1")
     with pytest.raises(UserInputError, match="did you mean 'n_layers'"):
         main(["fit", "--config", QUICKSTART, "--model.init_args.n_layer=3"])
+
+
+# --------------------------------------------------------------------------- connectivity options
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ("{tau: abc}", "connectivity 'ancre': bad value for 'tau': expected float, got 'abc'"),
+        ("{normalization: rows}", "connectivity 'ancre': bad value for 'normalization'"),
+        ("{temperature: 0.1}", "unknown option(s) ['temperature'] for connectivity 'ancre'"),
+    ],
+)
+def test_a_wrong_connectivity_option_is_one_line(options, expected, capsys):
+    message = ancre_error(["fit", "--config", QUICKSTART, *TINY, "--model.init_args.connectivity_options", options], capsys)
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "name,options,expected",
+    [
+        ("mhc", "{streams: 0}", "mhc streams must be >= 1"),
+        ("mhc", "{sinkhorn_iters: 0}", "mhc sinkhorn_iters must be >= 1"),
+        ("hyper", "{streams: two}", "connectivity 'hyper': bad value for 'streams': expected int"),
+        ("attnres", "{block_size: 9}", "attnres block_size must be between 1 (the full method) and the number of layers 4"),
+    ],
+)
+def test_bad_options_of_the_new_families_are_one_line(name, options, expected, capsys):
+    args = ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.connectivity", name,
+            "--model.init_args.granularity=sublayer", "--model.init_args.connectivity_options", options]  # fmt: skip
+    assert expected in ancre_error(args, capsys)
+
+
+def test_an_unknown_granularity_is_one_line(capsys):
+    message = ancre_error(["fit", "--config", QUICKSTART, *TINY, "--model.init_args.granularity=layers"], capsys)
+    assert "granularity" in message and "layers" in message
+
+
+def test_connectivity_help_lists_the_options_with_types(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--connectivity.help", "mhc"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # the help is wrapped to the terminal's width
+    for option in ("--streams", "--sinkhorn_iters", "--init {residual,uniform}"):
+        assert option in out
+    assert "type: int, default: 4" in out and "Sinkhorn-Knopp rounds" in out
+
+
+def test_switching_the_wiring_on_the_command_line_leaves_out_the_configs_other_options(capsys):
+    cli = build_cli(["--config", QUICKSTART, *TINY, "--model.init_args.connectivity=acn"], run=False)
+    assert cli.model.connectivity.name == "acn"
+    assert "['normalization', 'tau'] belong to another wiring" in capsys.readouterr().err
+    cli = build_cli(["--config", QUICKSTART, *TINY, "--model.init_args.connectivity", "mhc",
+                     "--model.init_args.connectivity_options", "{streams: 2}"], run=False)  # fmt: skip
+    assert cli.model.connectivity.num_streams == 2

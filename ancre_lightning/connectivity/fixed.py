@@ -42,7 +42,7 @@ class FixedTopology(StaticWiring):
     name = "fixed"
     inner_residual = False
 
-    def __init__(self, num_layers: int, edges: Sequence[str] = ()) -> None:
+    def __init__(self, num_layers: int, edges: Sequence[str] | str = ()) -> None:
         super().__init__(num_layers)
         if isinstance(edges, str):
             edges = [e for e in edges.replace("+", ",").split(",") if e.strip()]

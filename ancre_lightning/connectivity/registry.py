@@ -1,8 +1,9 @@
-"""Connectivities by name, with options checked against each one's signature."""
+"""Connectivities by name, with options checked against each one's signature and types."""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any
 
@@ -16,7 +17,7 @@ from .hyper import HyperConnections
 from .mhc import ManifoldHyperConnections
 from .mudd import DynamicDense
 from .residual import Residual
-from ..errors import UserInputError
+from ..errors import UserInputError, parse_error_message
 
 CONNECTIVITIES: dict[str, type[Connectivity]] = {
     cls.name: cls
@@ -31,6 +32,35 @@ def connectivity_options(name: str) -> dict[str, Any]:
     """The options a connectivity accepts and their defaults (``num_layers`` excluded)."""
     params = inspect.signature(CONNECTIVITIES[name].__init__).parameters
     return {k: p.default for k, p in params.items() if k not in ("self", "num_layers", "dim")}
+
+
+@functools.cache
+def options_parser(name: str):
+    """A jsonargparse parser of a connectivity's options (types and docstrings from its signature)."""
+    from jsonargparse import ArgumentParser
+
+    cls = CONNECTIVITIES[name]
+    parser = ArgumentParser(prog=f"connectivity {name}", exit_on_error=False, description=(cls.__doc__ or "").split("\n")[0])
+    parser.add_class_arguments(cls, skip={"num_layers", "dim"})
+    return parser
+
+
+def typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` converted to the types of the connectivity's signature (``"0.05"`` -> 0.05).
+
+    Raises:
+        UserInputError: a value of the wrong type or outside a set of choices, in one line.
+    """
+    from jsonargparse import ArgumentError
+
+    try:
+        parsed = options_parser(name).parse_object(dict(options))
+    except ArgumentError as exc:
+        raise UserInputError(
+            f"connectivity {name!r}: {parse_error_message(str(exc), {})}; `ancre fit --connectivity.help {name}` "
+            "lists its options with their types"
+        ) from None
+    return {k: parsed[k] for k in options}
 
 
 def needs_width(name: str) -> bool:
@@ -65,6 +95,7 @@ def build_connectivity(name: str, num_layers: int, dim: int | None = None, **opt
     if unknown:
         listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise UserInputError(f"unknown option(s) {unknown} for connectivity {key!r}; valid options (defaults): {listing}")
+    options = typed_options(key, options)
     if needs_width(key):
         if dim is None:
             raise UserInputError(
