@@ -208,6 +208,21 @@ def test_llm_resume_equals_straight_run(tmp_path):
     assert cli.trainer.strategy.checkpoint_io.__class__ is AtomicCheckpointIO
 
 
+@pytest.mark.parametrize(
+    "connectivity,options",
+    [("attnres", "{block_size: 2}"), ("hyper", "{streams: 2, dynamic: true}"), ("mhc", "{streams: 2}"), ("mudd", "{}")],
+)
+def test_llm_resume_equals_straight_run_for_the_new_families(tmp_path, connectivity, options):
+    """Per-token weights and several streams, at sub-layer granularity: 3 + 3 steps == 6 steps."""
+    wiring = [f"--model.init_args.connectivity={connectivity}", f"--model.init_args.connectivity_options={options}",
+              "--model.init_args.granularity=sublayer"]  # fmt: skip
+    straight, resumed, cli = run_split_and_straight(tmp_path, [*LLM_BASE, *wiring], n=3)
+    assert cli.model.connectivity.name == connectivity
+    assert_same_steps(3)
+    ckpt = assert_same_checkpoints(straight, resumed)
+    assert any(".connectivity." in k for k in ckpt["state_dict"])  # the wiring's parameters travel too
+
+
 def test_resuming_with_more_steps_says_the_schedules_keep_their_length(tmp_path):
     """A resume with a larger max_steps continues the stored schedules (what makes a resume
     exact), and says so: the learning rate and tau stay at their final values after the old end."""
