@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from torch import nn
 
 from ancre_lightning.connectivity import (
     CONNECTIVITIES,
@@ -16,27 +17,13 @@ from ancre_lightning.connectivity import (
 )
 from ancre_lightning.errors import UserInputError
 
+import stacks
+
 D = 6
 
 
-class TinyBlock(nn.Module):
-    """x -> [x +] tanh(W x + b) * scale, with an optional extra argument added before the tanh."""
-
-    def __init__(self, residual: bool) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, D)
-        self.residual = residual
-
-    def forward(self, x, shift=None):
-        y = torch.tanh(self.lin(x) + (0 if shift is None else shift))
-        return x + y if self.residual else y
-
-
-def make_stack(name, k, seed=0, **options):
-    torch.manual_seed(seed)
-    conn = build_connectivity(name, k, **options)
-    blocks = [TinyBlock(conn.inner_residual) for _ in range(k)]
-    return ConnectedStack(blocks, conn)
+TinyBlock = functools.partial(stacks.TinyBlock, D)
+make_stack = functools.partial(stacks.make_stack, dim=D)
 
 
 def randomize_gates(stack, seed=1):

@@ -6,35 +6,20 @@ with explicit loops over layers, sources and streams and none of the library's c
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
-from torch import nn
 
-from ancre_lightning.connectivity import ConnectedStack, build_connectivity
+from ancre_lightning.connectivity import build_connectivity
 from ancre_lightning.errors import UserInputError
+
+import stacks
 
 D = 8
 
 
-class Branch(nn.Module):
-    """A layer without inner residual: v = tanh(W x + b) (+ an optional extra argument)."""
-
-    def __init__(self, residual: bool = False) -> None:
-        super().__init__()
-        self.lin = nn.Linear(D, D)
-        self.residual = residual
-
-    def forward(self, x, shift=None):
-        y = torch.tanh(self.lin(x) + (0 if shift is None else shift))
-        return x + y if self.residual else y
-
-
-def make_stack(name, k, seed=0, **options):
-    torch.manual_seed(seed)
-    conn = build_connectivity(name, k, dim=D, **options)
-    return ConnectedStack([Branch(conn.inner_residual) for _ in range(k)], conn)
+make_stack = functools.partial(stacks.make_stack, dim=D)
 
 
 def randomize(params, seed=1, scale=0.5):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import PerTokenWiring
+from .base import PerTokenWiring, per_token_weighted_sum
 from ..errors import UserInputError
 
 
@@ -94,9 +94,6 @@ class AttentionResiduals(PerTokenWiring):
     def begin(self, x: Tensor, aggregation: str = "loop", track_exits: bool = False) -> DepthAttentionState:
         return DepthAttentionState(blocks=[x], block_scores=[self._scores(x)], h=x)
 
-    def layer_input(self, state: DepthAttentionState, j: int) -> Tensor:
-        return state.h
-
     def advance(self, state: DepthAttentionState, j: int, u: Tensor) -> None:
         state.partial = u if state.partial is None else state.partial + u  # (..., D)
         sources, scores = list(state.blocks), [s[..., j] for s in state.block_scores]
@@ -110,22 +107,8 @@ class AttentionResiduals(PerTokenWiring):
             sources.append(state.partial)
             scores.append(self._scores(state.partial, j))
         weights = torch.softmax(torch.stack(scores, dim=-1), dim=-1)  # (..., n_sources), float32
-        h = weights[..., 0:1] * sources[0].float()  # (..., D), accumulated in float32
-        for i in range(1, len(sources)):
-            h = h + weights[..., i : i + 1] * sources[i].float()
-        state.h = h.to(u.dtype)
+        state.h = per_token_weighted_sum(sources, weights)  # (..., D)
         state.moments.append(self.token_moments(weights, self.source_columns(j)))
-
-    def exit(self, state: DepthAttentionState) -> Tensor:
-        return state.h
-
-    def output(self, state: DepthAttentionState) -> Tensor:
-        self.record(state.moments)
-        return state.h
-
-    def shortcut_mask(self) -> Tensor:
-        k = self.num_layers
-        return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier state; the fresh output is the main path
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, block_size={self.block_size}"

@@ -29,7 +29,7 @@ Heatmaps, sparsity penalties, reports and tests read only this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -260,3 +260,27 @@ class PerTokenWiring(Connectivity):
 
     def coefficient_spread(self) -> Tensor:
         return self.token_std
+
+    # --- the forward protocol, for states with the next input ``h`` and the rows' ``moments`` --------
+    def layer_input(self, state: Any, j: int) -> Tensor:
+        return state.h
+
+    def exit(self, state: Any) -> Tensor:
+        return state.h
+
+    def output(self, state: Any) -> Tensor:
+        self.record(state.moments)
+        return self.exit(state)
+
+    def shortcut_mask(self) -> Tensor:
+        k = self.num_layers
+        return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier state; the fresh output is the main path
+
+
+def per_token_weighted_sum(sources: list[Tensor], weights: Tensor) -> Tensor:
+    """``sum_i weights[..., i] * sources[i]`` with per-token weights (..., n) and sources (..., D),
+    accumulated in float32 and rounded once to the sources' dtype."""
+    out = weights[..., 0:1] * sources[0].float()  # (..., D)
+    for i in range(1, len(sources)):
+        out = out + weights[..., i : i + 1] * sources[i].float()
+    return out.to(sources[-1].dtype)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PerTokenWiring, handover_matrix
+from .base import PerTokenWiring, handover_matrix, per_token_weighted_sum
 from ..errors import UserInputError
 
 
@@ -81,28 +81,11 @@ class DynamicDense(PerTokenWiring):
     def begin(self, x: Tensor, aggregation: str = "loop", track_exits: bool = False) -> DenseState:
         return DenseState(outputs=[x], h=x)
 
-    def layer_input(self, state: DenseState, j: int) -> Tensor:
-        return state.h
-
     def advance(self, state: DenseState, j: int, u: Tensor) -> None:
         state.outputs.append(u)
         w = self.weights[j](u)  # (..., j+2), float32
-        h = w[..., 0:1] * state.outputs[0].float()  # (..., D), accumulated in float32
-        for i in range(1, j + 2):
-            h = h + w[..., i : i + 1] * state.outputs[i].float()
-        state.h = h.to(u.dtype)
+        state.h = per_token_weighted_sum(state.outputs, w)  # (..., D)
         state.moments.append(self.token_moments(w))
-
-    def exit(self, state: DenseState) -> Tensor:
-        return state.h
-
-    def output(self, state: DenseState) -> Tensor:
-        self.record(state.moments)
-        return state.h
-
-    def shortcut_mask(self) -> Tensor:
-        k = self.num_layers
-        return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier output; the newest is the main path
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, hidden={self.hidden}"

@@ -135,9 +135,5 @@ class StreamWiring(PerTokenWiring):
         rows.append(reduce @ e)
         return torch.stack(rows)  # (K, K+1)
 
-    def shortcut_mask(self) -> Tensor:
-        k = self.num_layers
-        return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier state; the fresh output is the main path
-
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, streams={self.num_streams}"
