@@ -432,3 +432,15 @@ def test_gate_visualization_draws_the_token_spread_of_per_token_wirings(tmp_path
     files = sorted(p.name for p in (tmp_path / "gates").glob("*.png"))
     assert files == ["token_spread_step0000007.png", "wiring_step0000007.png"]
     assert module.connectivity.coefficient_spread().max() > 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"granularity": "sublayer"}, "ResNet granularity must be 'block'"),
+    ({"connectivity": "attnres"}, "ResNet states are (B, C, H, W) feature maps"),
+    ({"connectivity": "hyper"}, "wire the ResNet with one of residual, ancre, acn, denseformer, fixed"),
+])  # fmt: skip
+def test_the_resnet_refuses_what_has_no_meaning_for_feature_maps(overrides, message):
+    from ancre_lightning.models import ResNet
+
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ResNet(stage_depths=(2, 2), stage_widths=(8, 16), **overrides)
