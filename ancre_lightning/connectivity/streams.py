@@ -43,9 +43,28 @@ def check_streams(name: str, streams: int) -> int:
     return int(streams)
 
 
+def read_streams(weights: Tensor, streams: Tensor) -> Tensor:
+    """``sum_s weights[s] H_s``: (..., n) or (n,) weights, (..., n, D) streams -> (..., D).
+
+    A loop over the few streams of broadcast multiply-adds: as one batched matrix product per token
+    (an einsum) it was a CPU ``bmm`` of thousands of 1 x n x D products, several times slower."""
+    out = weights[..., 0:1] * streams[..., 0, :]  # (..., D)
+    for s in range(1, streams.shape[-2]):
+        out = out + weights[..., s : s + 1] * streams[..., s, :]
+    return out
+
+
+def mix_streams(res: Tensor, streams: Tensor) -> Tensor:
+    """``H'_t = sum_s res[t, s] H_s``: (..., n, n) or (n, n) [target, source], (..., n, D) -> (..., n, D)."""
+    out = res[..., :, 0:1] * streams[..., 0:1, :]  # (..., n, 1) * (..., 1, D)
+    for s in range(1, streams.shape[-2]):
+        out = out + res[..., :, s : s + 1] * streams[..., s : s + 1, :]
+    return out
+
+
 def unroll_step(unrolled: Tensor, res: Tensor, post: Tensor, column: int) -> Tensor:
     """``E' = res E + post e_column``: (N, n, K+1) with per-token (N, n, n) and (N, n) maps."""
-    out = res @ unrolled  # (N, n, K+1)
+    out = mix_streams(res, unrolled)  # (N, n, K+1)
     out[..., column] = out[..., column] + post
     return out
 
@@ -85,12 +104,11 @@ class StreamWiring(PerTokenWiring):
         pre = state.maps[0]
         if state.unrolled is not None and j > 0:
             self._remember(state, pre)  # row j-1: the input of layer j
-        h = torch.einsum("...s,...sd->...d", pre, state.streams.float())  # (..., D)
-        return h.to(state.streams.dtype)
+        return read_streams(pre, state.streams.float()).to(state.streams.dtype)  # (..., D)
 
     def advance(self, state: StreamState, j: int, u: Tensor) -> None:
         pre, res, post = state.maps
-        mixed = torch.einsum("...ts,...sd->...td", res, state.streams.float())  # (..., n, D)
+        mixed = mix_streams(res, state.streams.float())  # (..., n, D)
         written = post.unsqueeze(-1) * u.float().unsqueeze(-2)  # (..., n, D)
         state.streams = (mixed + written).to(u.dtype)
         if state.unrolled is not None:
@@ -103,8 +121,7 @@ class StreamWiring(PerTokenWiring):
 
     def exit(self, state: StreamState) -> Tensor:
         weights = self.reduce_weights(state.streams)  # (..., n) or (n,)
-        out = torch.einsum("...s,...sd->...d", weights, state.streams.float())  # (..., D)
-        return out.to(state.streams.dtype)
+        return read_streams(weights, state.streams.float()).to(state.streams.dtype)  # (..., D)
 
     def output(self, state: StreamState) -> Tensor:
         out = self.exit(state)
@@ -117,8 +134,8 @@ class StreamWiring(PerTokenWiring):
         """Record the row ``weights E`` (token by token) of the picture."""
         with torch.no_grad():
             n = self.num_streams
-            w = weights.detach().float().expand(*state.streams.shape[:-1]).reshape(-1, 1, n)  # (N, 1, n)
-            row = (w @ state.unrolled)[:, 0]  # (N, K+1)
+            w = weights.detach().float().expand(*state.streams.shape[:-1]).reshape(-1, n)  # (N, n)
+            row = read_streams(w, state.unrolled)  # (N, K+1)
             state.moments.append(self.token_moments(row))
 
     # --- the picture -----------------------------------------------------------------------------
