@@ -32,7 +32,7 @@ off starts again from scratch)::
 
     .venv/bin/python experiments/depth_scaling.py --jobs 2 --threads 1     # the sweep, ~6 h on 2 idle cores
     .venv/bin/python experiments/depth_scaling.py --report-only           # figures and JSON from finished runs
-    .venv/bin/python experiments/depth_scaling.py --quick                 # end-to-end check, a few minutes
+    .venv/bin/python experiments/depth_scaling.py --quick                 # end-to-end check, 12 tiny runs, ~3 min
     .venv/bin/python experiments/depth_scaling.py --measure               # time a few steps of every run's model
     .venv/bin/python experiments/depth_scaling.py --preset gpu --jobs 1   # LLaMA-60M shape on a GPU
 """
