@@ -107,8 +107,8 @@ def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | N
             status[name] = rc
             del running[name]
             if rc == 0:
-                done = {"command": cmd, "wall_s": wall, "threads": threads, "jobs": jobs, "meta": spec.meta,
-                        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                done = {"command": cmd, "wall_s": wall, "started_unix": start, "threads": threads, "jobs": jobs,
+                        "meta": spec.meta, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
                 (run_dir(runs_dir, name) / "DONE.json").write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
                 print(f"done  {name} in {wall / 60:.1f} min", flush=True)
             else:
@@ -174,19 +174,38 @@ def write_report(out: Path, results: dict, table_md: str, figures: list[Path]) -
     print("wrote " + ", ".join(str(p) for p in [*figures, out / "results.json"]))
 
 
-def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run's TensorBoard event files: tag -> [(step, value)] sorted by step
-    (a step logged twice keeps its last value)."""
+def read_scalar_events(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of a run's TensorBoard event files with the time it was written:
+    tag -> [(step, value, unix wall time)] sorted by step (a step logged twice keeps its last value)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[int, tuple[float, float]]] = {}
     for events in sorted(Path(folder).glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 1, "histograms": 1, "tensors": 1})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
             for ev in acc.Scalars(tag):
-                out.setdefault(tag, {})[int(ev.step)] = float(ev.value)
-    return {tag: sorted(values.items()) for tag, values in out.items()}
+                out.setdefault(tag, {})[int(ev.step)] = (float(ev.value), float(ev.wall_time))
+    return {tag: [(step, v, t) for step, (v, t) in sorted(values.items())] for tag, values in out.items()}
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> [(step, value)] sorted by step
+    (a step logged twice keeps its last value)."""
+    return {tag: [(step, v) for step, v, _ in points] for tag, points in read_scalar_events(folder).items()}
+
+
+def validation_curve(points: list[tuple]) -> list[tuple]:
+    """A validation metric's points with the step shifted to the number of optimizer steps taken
+    (Lightning logs validation metrics at the step of the last training batch, global_step - 1)."""
+    return [(p[0] + 1, *p[1:]) for p in points]
+
+
+def final_gate_png(runs_dir: Path, name: str) -> Path | None:
+    """The last wiring heatmap that GateVisualization saved for a run (``<log_dir>/gates/wiring_step*.png``
+    of the single stack, the highest step); None if there is none."""
+    found = sorted(log_dir(runs_dir, name).glob("gates/wiring_step*.png"))
+    return found[-1] if found else None
 
 
 def done_info(runs_dir: Path, name: str) -> dict:
@@ -274,6 +293,13 @@ def interpolate_crossing(points: list[tuple[int, float]], level: float) -> float
             return s0 + (step - s0) * (v0 - level) / (v0 - value) if v0 != value else float(step)
         prev = (step, value)
     return None
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Mean over seeds at the steps every curve has."""
+    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    tables = [dict(c) for c in curves]
+    return [(s, sum(t[s] for t in tables) / len(tables)) for s in common]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

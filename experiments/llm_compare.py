@@ -41,6 +41,7 @@ from _runs import (  # noqa: E402
     last_checkpoint,
     launch_unless_report_only,
     log_dir,
+    mean_curve,
     mean_std,
     new_figure,
     read_scalars,
@@ -112,13 +113,6 @@ def collect(runs_dir: Path, connectivities: list[str], seeds: list[int]) -> dict
                 entry["coefficients"] = ancre_coefficients(ckpt)
             runs[name] = entry
     return runs
-
-
-def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Mean over seeds at the steps every curve has."""
-    common = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    tables = [dict(c) for c in curves]
-    return [(s, sum(t[s] for t in tables) / len(tables)) for s in common]
 
 
 def summarize(runs: dict, connectivities: list[str]) -> dict:

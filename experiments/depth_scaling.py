@@ -1,0 +1,650 @@
+"""Depth scaling: every wiring at 4, 8, 16 and 32 blocks, the same tokens, schedule and optimiser.
+
+Where does learned wiring pay off? Every run is ``ancre fit --config
+experiments/configs/depth_scaling.yaml`` (a byte-level LLaMA-style model of width 64 on the
+Wikipedia leads) with its depth (``n_layers``), wiring and seed, started as a subprocess; runs go to
+``--runs-dir`` (default ``experiments/runs/depth_scaling``, git-ignored). The wirings are the
+family variants of the benchmark (``ancre_lightning.bench._common.WIRINGS``) plus ANCRe with its
+temperature annealed from 1 to 0.01 (the ``GateTemperatureAnnealing`` callback):
+
+    residual, ancre, ancre-anneal, denseformer, acn (blocks); attnres (full), attnres-block
+    (4 sub-layers a block), hyper (4 streams), mhc (4 streams) (sub-layers); mudd (blocks)
+
+Seeds 0 and 1 everywhere; then a second pass reads the finished runs and adds seed 2 to both
+wirings of every pair whose mean final validation losses at a depth differ by less than two
+standard deviations (the larger of the two, over seeds 0 and 1). The report (``--out``, default
+``experiments/out/depth_scaling``) reads the TensorBoard event files back:
+
+- ``results.json``: one record per run (wiring, depth, seed, final validation loss, the step at
+  which it reaches residual's final loss at the same depth, wall time, tokens/s, parameter count,
+  its curves), the summary per wiring and depth, the pairs that got a third seed, and the step
+  times measured by ``--measure`` (when ``step_times.json`` is in ``--out``);
+- ``loss_vs_depth.png``: final validation loss against depth per wiring (mean, min-max band), and
+  the same minus residual's mean;
+- ``curves_deepest.png``: validation loss against step at the deepest depth (mean, min-max band);
+- ``walltime_deepest.png``: validation loss against wall-clock time at the deepest depth (every run);
+- ``gates_deepest.png``: the learned wirings at the end, deepest depth, lowest seed (the
+  GateVisualization heatmaps of each run, ``<log_dir>/gates/``);
+- ``table.md``: the leaderboard (loss by depth, and per depth ranked by loss).
+
+Finished runs are skipped, so the same command resumes an interrupted sweep (a run that was cut
+off starts again from scratch)::
+
+    .venv/bin/python experiments/depth_scaling.py --jobs 2 --threads 1     # the sweep, ~6 h on 2 idle cores
+    .venv/bin/python experiments/depth_scaling.py --report-only           # figures and JSON from finished runs
+    .venv/bin/python experiments/depth_scaling.py --quick                 # end-to-end check, 12 tiny runs, ~3 min
+    .venv/bin/python experiments/depth_scaling.py --measure               # time a few steps of every run's model
+    .venv/bin/python experiments/depth_scaling.py --preset gpu --jobs 1   # LLaMA-60M shape on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import (  # noqa: E402
+    EXPERIMENTS,
+    RunSpec,
+    done_info,
+    final_gate_png,
+    interpolate_crossing,
+    is_done,
+    launch_unless_report_only,
+    log_dir,
+    machine,
+    mean_curve,
+    mean_std,
+    new_figure,
+    read_scalar_events,
+    resolve_folders,
+    run_record,
+    sweep_parser,
+    validation_curve,
+    write_report,
+)
+
+PRESETS = {
+    "cpu": EXPERIMENTS / "configs" / "depth_scaling.yaml",
+    "gpu": EXPERIMENTS / "configs" / "depth_scaling_gpu.yaml",
+}
+WIRINGS = ["residual", "ancre", "ancre-anneal", "denseformer", "acn", "attnres", "attnres-block", "hyper", "mhc", "mudd"]
+DEPTHS = [4, 8, 16, 32]
+SEEDS = [0, 1]
+THIRD_SEED = 2
+#: ancre-anneal: ANCRe (the same model) with tau annealed from 1 to 0.01 over the run (geometric)
+ANNEAL = [
+    "--trainer.callbacks+=ancre_lightning.callbacks.GateTemperatureAnnealing",
+    "--trainer.callbacks.start=1.0",
+    "--trainer.callbacks.end=0.01",
+    "--trainer.callbacks.schedule=exponential",
+]
+#: overrides of --quick: a few steps on a small slice of the corpus
+QUICK = [
+    "--data.init_args.batch_size=2",
+    "--data.init_args.max_train_tokens=40000",
+    "--data.init_args.max_val_tokens=8000",
+    "--trainer.limit_val_batches=2",
+    "--model.init_args.warmup_steps=1",
+    "--trainer.log_every_n_steps=1",
+]
+QUICK_DEPTHS = [2, 4]
+#: the wirings --quick also runs at its shallower depth (every wiring runs at the deeper one)
+QUICK_SHALLOW = ["residual", "ancre"]
+#: the per-run cost the step times leave out (interpreter, imports, data, logger), seconds; measured
+#: by --quick on the shared machine (see the config's comments)
+STARTUP_S = 20.0
+
+
+def family(wiring: str) -> tuple[str, dict, str]:
+    """(connectivity, options, granularity) of a wiring: the benchmark's family variants;
+    ``ancre-anneal`` is the ``ancre`` model."""
+    from ancre_lightning.bench._common import WIRINGS as FAMILIES
+
+    base = "ancre" if wiring == "ancre-anneal" else wiring
+    if base not in FAMILIES:
+        raise SystemExit(f"unknown wiring {wiring!r}; known: {', '.join(WIRINGS)} (or any of {', '.join(FAMILIES)})")
+    return FAMILIES[base]
+
+
+def wiring_args(wiring: str) -> list[str]:
+    """The ``ancre fit`` overrides that select a wiring."""
+    conn, options, granularity = family(wiring)
+    args = [f"--model.init_args.connectivity={conn}",
+            f"--model.init_args.connectivity_options={json.dumps(options)}",
+            f"--model.init_args.granularity={granularity}"]
+    return args + (ANNEAL if wiring == "ancre-anneal" else [])
+
+
+def run_name(wiring: str, depth: int, seed: int) -> str:
+    """Folder name of one run."""
+    return f"{wiring}_d{depth:02d}_seed{seed}"
+
+
+def spec(config: Path, wiring: str, depth: int, seed: int, steps: int | None, val_every: int | None, extra: list[str]) -> RunSpec:
+    """One run: the config, its depth, wiring and seed (model init and data order), the budget."""
+    args = ["--config", str(config), f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+            f"--model.init_args.n_layers={depth}", *wiring_args(wiring)]
+    if steps is not None:
+        args.append(f"--trainer.max_steps={steps}")
+    if val_every is not None:
+        args.append(f"--trainer.val_check_interval={val_every}")
+    return RunSpec(run_name(wiring, depth, seed), [*args, *extra], {"wiring": wiring, "depth": depth, "seed": seed})
+
+
+def specs(config: Path, wirings: list[str], depths: list[int], seeds: list[int], steps: int | None,
+          val_every: int | None, extra: list[str]) -> list[RunSpec]:
+    """The first pass: seeds outer (early results cover every wiring), then the deepest depths first
+    (the longest runs start first, so two at a time finish together), then the wirings."""
+    return [spec(config, w, d, s, steps, val_every, extra)
+            for s in seeds for d in sorted(depths, reverse=True) for w in wirings]
+
+
+# --------------------------------------------------------------------------- reading runs back
+
+def run_config(runs_dir: Path, name: str) -> dict:
+    """The run's resolved config (``config.yaml`` that the CLI saves in the log dir)."""
+    import yaml
+
+    return yaml.safe_load((log_dir(runs_dir, name) / "config.yaml").read_text(encoding="utf-8"))
+
+
+_PARAMS: dict[tuple, int] = {}
+
+
+def parameter_count(model_init_args: dict) -> int:
+    """Trainable parameters of the LLM a config builds (cached by its arguments)."""
+    key = json.dumps(model_init_args, sort_keys=True, default=str)
+    if key not in _PARAMS:
+        from ancre_lightning.modules import LLMModule
+
+        args = {k: v for k, v in model_init_args.items() if k != "compile"}
+        _PARAMS[key] = sum(p.numel() for p in LLMModule(**args).parameters() if p.requires_grad)
+    return _PARAMS[key]
+
+
+def collect(runs_dir: Path, run_specs: list[RunSpec]) -> list[dict]:
+    """One record per finished run: final validation loss, curves against step and wall time,
+    throughput, parameters, and its last wiring heatmap."""
+    records = []
+    for s in run_specs:
+        if not is_done(runs_dir, s.name):
+            continue
+        events = read_scalar_events(log_dir(runs_dir, s.name))
+        val = validation_curve(events.get("val/loss", []))
+        if not val:
+            continue
+        done = done_info(runs_dir, s.name)
+        config = run_config(runs_dir, s.name)
+        data = config["data"]["init_args"]
+        start = done.get("started_unix", val[0][2])
+        throughput = [v for _, v, _ in events.get("train/tokens_per_s", [])]
+        gates = final_gate_png(runs_dir, s.name)
+        records.append({
+            "name": s.name,
+            **s.meta,
+            "final_step": val[-1][0],
+            "final_val_loss": val[-1][1],
+            "wall_s": done["wall_s"],
+            "tokens_per_step": data["batch_size"] * data["seq_len"],
+            "tokens_per_s": statistics.median(throughput) if throughput else None,  # training steps only
+            "tokens_per_s_wall": val[-1][0] * data["batch_size"] * data["seq_len"] / done["wall_s"],  # start-up and validation too
+            "parameters": parameter_count(config["model"]["init_args"]),
+            "val_loss": [(step, v) for step, v, _ in val],
+            "val_loss_by_wall_s": [(t - start, v) for _, v, t in val],
+            "gates_png": None if gates is None else str(gates),
+        })
+    add_steps_to_residual(records)
+    return records
+
+
+def add_steps_to_residual(records: list[dict]) -> None:
+    """Per run, the step at which its validation curve first reaches residual's final loss at the
+    same depth (interpolated between evaluations; None: never): against the mean over residual's
+    seeds (``steps_to_residual_loss``) and against the same seed's residual run
+    (``steps_to_residual_loss_same_seed``); as fractions of residual's steps too."""
+    for depth in sorted({r["depth"] for r in records}):
+        residual = [r for r in records if r["depth"] == depth and r["wiring"] == "residual"]
+        level = mean_std([r["final_val_loss"] for r in residual])[0] if residual else None
+        twins = {r["seed"]: r for r in residual}
+        for r in records:
+            if r["depth"] != depth:
+                continue
+            r["residual_final_val_loss_mean"] = level
+            r["steps_to_residual_loss"] = None if level is None else interpolate_crossing(r["val_loss"], level)
+            r["fraction_of_residual_steps"] = (None if r["steps_to_residual_loss"] is None
+                                               else r["steps_to_residual_loss"] / residual[0]["final_step"])
+            twin = twins.get(r["seed"])
+            r["steps_to_residual_loss_same_seed"] = (None if twin is None
+                                                     else interpolate_crossing(r["val_loss"], twin["final_val_loss"]))
+
+
+def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
+    """Per wiring and depth: final loss over seeds (mean, std, min, max), the gap to residual's
+    mean, steps to residual's loss per seed, wall time, throughput, parameters."""
+    out: dict[str, dict] = {}
+    for w in wirings:
+        for d in depths:
+            mine = [r for r in records if r["wiring"] == w and r["depth"] == d]
+            if not mine:
+                continue
+            losses = [r["final_val_loss"] for r in mine]
+            mean, std = mean_std(losses)
+            ref = next((r["residual_final_val_loss_mean"] for r in mine if r["residual_final_val_loss_mean"] is not None), None)
+            rates = [r["tokens_per_s"] for r in mine if r["tokens_per_s"]]
+            out.setdefault(w, {})[str(d)] = {
+                "seeds": sorted(r["seed"] for r in mine),
+                "final_val_loss_mean": mean,
+                "final_val_loss_std": std,
+                "final_val_loss_min": min(losses),
+                "final_val_loss_max": max(losses),
+                "minus_residual": None if ref is None else mean - ref,
+                "fraction_of_residual_steps_per_seed": [r["fraction_of_residual_steps"] for r in sorted(mine, key=lambda r: r["seed"])],
+                "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
+                "tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
+                "parameters": mine[0]["parameters"],
+                "mean_curve": mean_curve([r["val_loss"] for r in mine]),
+            }
+    return out
+
+
+# --------------------------------------------------------------------------- the third seed
+
+def close_pairs(records: list[dict], wirings: list[str], depths: list[int], seeds: list[int]) -> list[dict]:
+    """Pairs of wirings whose mean final validation losses at a depth are less than two standard
+    deviations apart (the larger sample std of the two). Only the first-pass ``seeds`` count, so
+    the answer does not change once third seeds finish; a wiring counts at a depth once all of
+    ``seeds`` finished there (and at least two)."""
+    if len(seeds) < 2:
+        return []
+    pairs = []
+    for d in depths:
+        stats = {}
+        for w in wirings:
+            losses = {r["seed"]: r["final_val_loss"] for r in records if r["wiring"] == w and r["depth"] == d}
+            if all(s in losses for s in seeds):
+                stats[w] = mean_std([losses[s] for s in seeds])
+        for a, b in itertools.combinations([w for w in wirings if w in stats], 2):
+            gap = abs(stats[a][0] - stats[b][0])
+            two_std = 2 * max(stats[a][1], stats[b][1])
+            if gap < two_std:
+                pairs.append({"depth": d, "wirings": [a, b], "gap": gap, "two_std": two_std})
+    return pairs
+
+
+def third_seed_specs(pairs: list[dict], config: Path, wirings: list[str], seed: int, steps: int | None,
+                     val_every: int | None, extra: list[str]) -> list[RunSpec]:
+    """The second pass: ``seed`` for both wirings of every close pair (each wiring and depth once)."""
+    wanted = {(w, p["depth"]) for p in pairs for w in p["wirings"]}
+    return [spec(config, w, d, seed, steps, val_every, extra)
+            for d in sorted({d for _, d in wanted}, reverse=True) for w in wirings if (w, d) in wanted]
+
+
+# --------------------------------------------------------------------------- figures and tables
+
+def colors(wirings: list[str]) -> dict[str, object]:
+    """One colour per wiring (residual grey, the rest from tab10)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    others = [w for w in wirings if w != "residual"]
+    return {"residual": "black", **{w: cmap(i % 10) for i, w in enumerate(others)}}
+
+
+def plot_loss_vs_depth(summary: dict, depths: list[int], path: Path) -> None:
+    """Final validation loss against depth per wiring (mean, min-max band); right: minus residual."""
+    col = colors(list(summary))
+    fig = new_figure(12, 4.6)
+    axes = fig.subplots(1, 2)
+    ref = summary.get("residual", {})
+    for w, by_depth in summary.items():
+        ds = [d for d in depths if str(d) in by_depth]
+        mean = [by_depth[str(d)]["final_val_loss_mean"] for d in ds]
+        lo = [by_depth[str(d)]["final_val_loss_min"] for d in ds]
+        hi = [by_depth[str(d)]["final_val_loss_max"] for d in ds]
+        axes[0].plot(ds, mean, "o-", color=col[w], label=w, linewidth=1.4, markersize=3)
+        axes[0].fill_between(ds, lo, hi, color=col[w], alpha=0.15, linewidth=0)
+        rd = [d for d in ds if str(d) in ref]
+        if rd:
+            base = [ref[str(d)]["final_val_loss_mean"] for d in rd]
+            axes[1].plot(rd, [by_depth[str(d)]["final_val_loss_mean"] - b for d, b in zip(rd, base)], "o-",
+                         color=col[w], label=w, linewidth=1.4, markersize=3)
+            axes[1].fill_between(rd, [by_depth[str(d)]["final_val_loss_min"] - b for d, b in zip(rd, base)],
+                                 [by_depth[str(d)]["final_val_loss_max"] - b for d, b in zip(rd, base)],
+                                 color=col[w], alpha=0.15, linewidth=0)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.set_xlabel("depth (blocks)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("final validation loss (nats/byte)")
+    axes[0].set_title("mean over seeds, band = min..max", fontsize=9)
+    axes[1].axhline(0.0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("minus residual's mean at the same depth")
+    axes[1].set_title("below 0: better than residual", fontsize=9)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.savefig(path)
+
+
+def plot_curves_deepest(records: list[dict], summary: dict, depth: int, path: Path) -> None:
+    """Validation loss against step at one depth: mean over seeds and min-max band per wiring."""
+    col = colors(list(summary))
+    fig = new_figure(11, 4.4)
+    axes = fig.subplots(1, 2)
+    for ax, zoom in zip(axes, (False, True)):
+        for w, by_depth in summary.items():
+            entry = by_depth.get(str(depth))
+            if entry is None:
+                continue
+            curves = [dict(r["val_loss"]) for r in records if r["wiring"] == w and r["depth"] == depth]
+            steps = [s for s, _ in entry["mean_curve"]]
+            ax.plot(steps, [v for _, v in entry["mean_curve"]], color=col[w], label=w, linewidth=1.4)
+            ax.fill_between(steps, [min(c[s] for c in curves) for s in steps], [max(c[s] for c in curves) for s in steps],
+                            color=col[w], alpha=0.15, linewidth=0)
+        ref = summary.get("residual", {}).get(str(depth))
+        if ref is not None:
+            ax.axhline(ref["final_val_loss_mean"], color="black", linestyle=":", linewidth=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(True, alpha=0.3)
+        if zoom:
+            points = [(s, v) for by_depth in summary.values() if str(depth) in by_depth for s, v in by_depth[str(depth)]["mean_curve"]]
+            if points:
+                last = max(s for s, _ in points)
+                tail = [v for s, v in points if s >= last / 2]
+                ax.set_xlim(last / 2, last * 1.01)
+                ax.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+            ax.set_title("second half (dotted: residual's final loss)", fontsize=9)
+        else:
+            ax.set_title(f"{depth} blocks: mean over seeds, band = min..max", fontsize=9)
+            ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path)
+
+
+def plot_walltime_deepest(records: list[dict], depth: int, path: Path) -> None:
+    """Validation loss against wall-clock minutes since the run started, every run at one depth."""
+    mine = [r for r in records if r["depth"] == depth]
+    col = colors(sorted({r["wiring"] for r in mine}, key=lambda w: WIRINGS.index(w) if w in WIRINGS else 99))
+    fig = new_figure(7.5, 4.6)
+    ax = fig.subplots()
+    labelled = set()
+    for r in sorted(mine, key=lambda r: (r["wiring"], r["seed"])):
+        t = [s / 60 for s, _ in r["val_loss_by_wall_s"]]
+        ax.plot(t, [v for _, v in r["val_loss_by_wall_s"]], color=col[r["wiring"]], linewidth=1.1, alpha=0.85,
+                label=None if r["wiring"] in labelled else r["wiring"])
+        labelled.add(r["wiring"])
+    ax.set_xlabel("wall-clock minutes since the run started (validation included)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"{depth} blocks: every run (one line per seed); wall times depend on the machine's load", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path)
+
+
+def plot_gates_deepest(records: list[dict], wirings: list[str], depth: int, path: Path) -> bool:
+    """The final wiring heatmap (GateVisualization's PNG) of every wiring at one depth, lowest
+    seed, in a grid; False if there is none."""
+    from matplotlib.image import imread
+
+    chosen = []
+    for w in wirings:
+        mine = sorted((r for r in records if r["wiring"] == w and r["depth"] == depth and r.get("gates_png")), key=lambda r: r["seed"])
+        if mine and Path(mine[0]["gates_png"]).is_file():
+            chosen.append(mine[0])
+    if not chosen:
+        return False
+    ncols = min(4, len(chosen))
+    nrows = -(-len(chosen) // ncols)
+    fig = new_figure(4.2 * ncols, 4.0 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, r in zip(axes, chosen):
+        ax.imshow(imread(r["gates_png"]))
+        ax.set_title(f"{r['wiring']}, {depth} blocks, seed {r['seed']}", fontsize=8)
+        ax.axis("off")
+    for ax in axes[len(chosen):]:
+        ax.axis("off")
+    fig.savefig(path)
+    return True
+
+
+def fmt(v: float | None, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(summary: dict, depths: list[int], pairs: list[dict]) -> str:
+    """Markdown: final loss by wiring and depth, then a leaderboard per depth."""
+    present = [d for d in depths if any(str(d) in by_depth for by_depth in summary.values())]
+    lines = ["Final validation loss (nats/byte), mean +- std over seeds (n):", "",
+             "| wiring | " + " | ".join(f"{d} blocks" for d in present) + " | deepest minus shallowest |",
+             "|---|" + "---|" * (len(present) + 1)]
+    for w, by_depth in summary.items():
+        cells = [f"{by_depth[str(d)]['final_val_loss_mean']:.4f} +- {by_depth[str(d)]['final_val_loss_std']:.4f} ({len(by_depth[str(d)]['seeds'])})"
+                 if str(d) in by_depth else "-" for d in present]
+        ends = [d for d in present if str(d) in by_depth]
+        gain = (by_depth[str(ends[-1])]["final_val_loss_mean"] - by_depth[str(ends[0])]["final_val_loss_mean"]) if len(ends) > 1 else None
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {fmt(gain, '+.4f')} |")
+    for d in present:
+        rows = sorted(((w, by_depth[str(d)]) for w, by_depth in summary.items() if str(d) in by_depth),
+                      key=lambda item: item[1]["final_val_loss_mean"])
+        lines += ["", f"Leaderboard at {d} blocks:", "",
+                  "| rank | wiring | seeds | final val loss (mean +- std) | min..max | minus residual | "
+                  "steps to residual's loss (fraction, per seed) | wall per run (min) | tokens/s | parameters |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for rank, (w, e) in enumerate(rows, 1):
+            fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
+            lines.append(
+                f"| {rank} | {w} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- {e['final_val_loss_std']:.4f} | "
+                f"{e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | {fmt(e['minus_residual'], '+.4f')} | "
+                f"{fractions} | {e['wall_s_mean'] / 60:.1f} | {fmt(e['tokens_per_s_mean'], '.0f')} | {e['parameters']:,} |"
+            )
+    if pairs:
+        lines += ["", "Pairs within two standard deviations after the first seeds (both got a third seed):", ""]
+        lines += [f"- {p['depth']} blocks: {p['wirings'][0]} and {p['wirings'][1]} (gap {p['gap']:.4f} < {p['two_std']:.4f})" for p in pairs]
+    return "\n".join(lines) + "\n"
+
+
+def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wirings: list[str], depths: list[int],
+           pairs: list[dict]) -> dict:
+    """Read the finished runs and write the figures, ``results.json`` and ``table.md``."""
+    records = collect(runs_dir, all_specs)
+    head = run_record(runs_dir, {r["name"]: r for r in records}, len(all_specs))
+    summary = summarize(records, wirings, depths)
+    out.mkdir(parents=True, exist_ok=True)
+    deepest = max(r["depth"] for r in records)
+    figures = [out / "loss_vs_depth.png", out / "curves_deepest.png", out / "walltime_deepest.png"]
+    plot_loss_vs_depth(summary, depths, figures[0])
+    plot_curves_deepest(records, summary, deepest, figures[1])
+    plot_walltime_deepest(records, deepest, figures[2])
+    if plot_gates_deepest(records, wirings, deepest, out / "gates_deepest.png"):
+        figures.append(out / "gates_deepest.png")
+    measured = out / "step_times.json"
+    results = {
+        **head,
+        "config": str(config.relative_to(EXPERIMENTS.parent)),
+        "wirings": wirings,
+        "depths": depths,
+        "deepest": deepest,
+        "third_seed_pairs": pairs,
+        "summary": summary,
+        "step_times": json.loads(measured.read_text(encoding="utf-8")) if measured.is_file() else None,
+        "runs": records,
+    }
+    write_report(out, results, table(summary, depths, pairs), figures)
+    return results
+
+
+# --------------------------------------------------------------------------- measuring step times
+
+def model_args(config: Path, wiring: str, depth: int) -> dict:
+    """The LLMModule arguments of one run of the sweep (the config's, with its depth and wiring)."""
+    import yaml
+
+    init = dict(yaml.safe_load(config.read_text(encoding="utf-8"))["model"]["init_args"])
+    conn, options, granularity = family(wiring)
+    init.update(n_layers=depth, connectivity=conn, connectivity_options=options, granularity=granularity, compile=False)
+    return init
+
+
+def measure(config: Path, wirings: list[str], depths: list[int], reps: int, threads: int) -> dict:
+    """Seconds per training step (forward, loss, backward, AdamW) of every wiring at every depth,
+    on random bytes of the config's batch shape, ``threads`` intra-op threads, round-robin over
+    the wirings of a depth (``interleaved_times``) after one warm-up step; median and min of
+    ``reps``. ancre-anneal is timed as ancre (the same model)."""
+    import torch
+    import yaml
+
+    from ancre_lightning.bench._common import interleaved_times, random_batch, summarize as timing, train_step_fn
+    from ancre_lightning.modules import LLMModule
+
+    torch.set_num_threads(threads)
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))["data"]["init_args"]
+    shape = {"batch_size": data["batch_size"], "seq_len": data["seq_len"]}
+    cpu = torch.device("cpu")
+    batch = random_batch(shape, cpu)
+    out: dict[str, dict] = {}
+    for depth in sorted(depths):
+        fns = {}
+        for w in wirings:
+            if w == "ancre-anneal" and "ancre" in wirings:
+                continue
+            torch.manual_seed(0)
+            module = LLMModule(**model_args(config, w, depth))
+            fns[w] = train_step_fn(module, module.build_optimizer(), batch, cpu, "32-true")
+        start = time.time()
+        times = interleaved_times(fns, cpu, reps, warmup=1)
+        for w in wirings:
+            t = timing(times["ancre" if w == "ancre-anneal" and "ancre" in wirings else w])
+            out.setdefault(w, {})[str(depth)] = {"median_s": t["median_s"], "min_s": t["min_s"], "n": t["n"]}
+        print(f"depth {depth}: " + ", ".join(f"{w} {out[w][str(depth)]['median_s']:.3f}" for w in wirings)
+              + f" s/step (median of {reps}; {time.time() - start:.0f} s)", flush=True)
+    return out
+
+
+def estimate(step_s: dict, config: Path, steps: int | None, val_every: int | None, seeds: int, jobs: int,
+             startup_s: float = STARTUP_S, key: str = "median_s") -> dict:
+    """Hours of the sweep from measured step times: per run steps x step time, plus its evaluations
+    (``limit_val_batches`` forward passes each, counted as a third of a step) and ``startup_s``;
+    ``seeds`` runs of every wiring and depth, ``jobs`` at a time on as many cores (ideal packing)."""
+    import yaml
+
+    trainer = yaml.safe_load(config.read_text(encoding="utf-8"))["trainer"]
+    steps = steps or trainer["max_steps"]
+    val_every = val_every or trainer["val_check_interval"]
+    evals = steps // val_every
+    eval_batches = evals * trainer["limit_val_batches"]
+    run_s = {f"{w}_d{d}": steps * t[key] + eval_batches * t[key] / 3 + startup_s for w, by_depth in step_s.items() for d, t in by_depth.items()}
+    total = seeds * sum(run_s.values()) / max(1, jobs)
+    # the steps that fill `hours` with 3 seeds everywhere (the worst case of the third-seed pass)
+    per_step = sum(t[key] for by_depth in step_s.values() for t in by_depth.values())
+    fixed = sum(eval_batches * t[key] / 3 + startup_s for by_depth in step_s.values() for t in by_depth.values())
+    return {"steps": steps, "val_every": val_every, "seeds": seeds, "jobs": jobs, "startup_s": startup_s, "timing": key,
+            "hours": total / 3600, "run_s": run_s,
+            "steps_for_6h_with_3_seeds": int((6 * 3600 * max(1, jobs) / 3 - fixed) / per_step)}
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = sweep_parser("every wiring at 4, 8, 16 and 32 blocks on the Wikipedia byte corpus", "depth_scaling", 2,
+                     "end-to-end check: every wiring at 4 blocks, residual and ancre at 2 too, 4 steps, seed 0", "--trainer.max_steps=300")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: width 64 (experiments/configs/depth_scaling.yaml); gpu: the LLaMA-60M shape "
+                        "(depth_scaling_gpu.yaml; runs go to experiments/runs/depth_scaling_gpu)")
+    p.add_argument("--wirings", nargs="+", default=WIRINGS, help="wirings to compare")
+    p.add_argument("--depths", nargs="+", type=int, default=None, help=f"depths in blocks (default {DEPTHS})")
+    p.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="first-pass seeds (model init and data order)")
+    p.add_argument("--third-seed", type=int, default=THIRD_SEED,
+                   help="seed the second pass adds to close pairs; -1: no second pass")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's max_steps)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: the config's)")
+    p.add_argument("--measure", action="store_true",
+                   help="time a few training steps of every wiring and depth, write <out>/step_times.{json,md} and the "
+                        "estimate of the sweep's hours; trains nothing (with --report-only: only the estimate again, "
+                        "from the saved times, e.g. for another --steps)")
+    p.add_argument("--measure-reps", type=int, default=3, help="timed steps per model with --measure (after one warm-up)")
+    return p.parse_args(argv)
+
+
+def measure_main(args: argparse.Namespace, config: Path) -> dict:
+    """``--measure``: step times, the estimate, written to ``<out>/step_times.json`` and ``.md``."""
+    from ancre_lightning.bench._common import load_average
+
+    saved = args.out / "step_times.json"
+    if args.report_only:  # the estimate again (another budget) from the saved times, nothing timed
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        threads, load, step_s = old["threads"], old["load_average_at_start"], old["step_s"]
+        args.measure_reps, date = old["reps"], old["date"]
+    else:
+        threads = args.threads or 1
+        load = load_average()
+        date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        step_s = measure(config, args.wirings, args.depths, args.measure_reps, threads)
+    two = estimate(step_s, config, args.steps, args.val_every, len(args.seeds), args.jobs)
+    three = estimate(step_s, config, args.steps, args.val_every, len(args.seeds) + 1, args.jobs)
+    fastest = estimate(step_s, config, args.steps, args.val_every, len(args.seeds) + 1, args.jobs, key="min_s")
+    result = {"config": str(config.relative_to(EXPERIMENTS.parent)), "threads": threads, "reps": args.measure_reps,
+              "load_average_at_start": load, "machine": machine(), "date": date,
+              "step_s": step_s, "estimate_first_pass": two, "estimate_all_third_seeds": three,
+              "estimate_all_third_seeds_min_times": fastest}
+    lines = [f"Seconds per training step, median of {args.measure_reps} (min), {threads} thread(s), {date}, load average "
+             f"at start {load}:", "", "| wiring | " + " | ".join(f"{d} blocks" for d in sorted(args.depths)) + " |",
+             "|---|" + "---|" * len(args.depths)]
+    for w, by_depth in step_s.items():
+        lines.append(f"| {w} | " + " | ".join(f"{by_depth[str(d)]['median_s']:.3f} ({by_depth[str(d)]['min_s']:.3f})"
+                                             for d in sorted(args.depths)) + " |")
+    lines += ["", f"Estimate at {two['steps']} steps, validation every {two['val_every']}, {args.jobs} jobs, "
+              f"{STARTUP_S:.0f} s start-up a run: {two['hours']:.1f} h with {two['seeds']} seeds, {three['hours']:.1f} h if "
+              f"every wiring and depth gets a third seed ({fastest['hours']:.1f} h from the min times). Steps that fill "
+              f"6 h with 3 seeds everywhere: {three['steps_for_6h_with_3_seeds']} (median times), "
+              f"{fastest['steps_for_6h_with_3_seeds']} (min times)."]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_times.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (args.out / "step_times.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    print(f"wrote {args.out / 'step_times.json'}, {args.out / 'step_times.md'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Launch the missing runs (unless ``--report-only``): the first pass, then the third seeds of
+    close pairs; then write the report. ``--measure`` only times steps."""
+    args = parse_args(argv)
+    config = PRESETS[args.preset]
+    extra = list(args.override)
+    if args.quick:
+        extra = QUICK + extra
+        args.steps = args.steps or 4
+        args.val_every = args.val_every or 2
+        args.depths = args.depths or QUICK_DEPTHS
+        if args.seeds == SEEDS:
+            args.seeds = [0]
+        args.measure_reps = min(args.measure_reps, 1)
+    args.depths = args.depths or DEPTHS
+    name = "depth_scaling" if args.preset == "cpu" else f"depth_scaling_{args.preset}"
+    resolve_folders(args, name, name)
+    if args.measure:
+        return measure_main(args, config)
+    first = specs(config, args.wirings, args.depths, args.seeds, args.steps, args.val_every, extra)
+    if args.quick:  # a couple of minutes: every wiring at the deepest depth, two at the others
+        first = [s for s in first if s.meta["depth"] == max(args.depths) or s.meta["wiring"] in QUICK_SHALLOW]
+    launch_unless_report_only(args, first)
+    pairs = []
+    if args.third_seed >= 0 and args.third_seed not in args.seeds:
+        pairs = close_pairs(collect(args.runs_dir, first), args.wirings, args.depths, args.seeds)
+        second = third_seed_specs(pairs, config, args.wirings, args.third_seed, args.steps, args.val_every, extra)
+        if second:
+            print(f"third seed for {len(second)} run(s): " + ", ".join(s.name for s in second), flush=True)
+        launch_unless_report_only(args, second)
+        first = first + second
+    return report(args.runs_dir, args.out, config, first, args.wirings, args.depths, pairs)
+
+
+if __name__ == "__main__":
+    main()
