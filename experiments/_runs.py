@@ -5,6 +5,13 @@ logger writes to ``<runs_dir>/<name>/run/``; its console output goes to ``<runs_
 When it exits with status 0 the driver writes ``<runs_dir>/<name>/DONE.json`` (command, wall time);
 a run with that file is finished and is skipped next time, a run folder without it is removed and
 started again, so an interrupted sweep can simply be launched again.
+
+The run folders hold event files and checkpoints and are git-ignored, so they do not outlive the
+machine. A driver whose sweep must resume across sessions on fresh clones passes a
+:class:`RunRecords` to :func:`launch`: when a run finishes, a small record (``<name>.json``, built by
+the driver from the run folder, and ``<name>_gates.png``, its last wiring heatmap, shrunk) goes to a
+folder meant to be committed, the record (not ``DONE.json``) says that the run is finished, and the
+report is read back from the records alone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -57,6 +65,85 @@ def is_done(runs_dir: Path, name: str) -> bool:
     return (run_dir(runs_dir, name) / "DONE.json").is_file()
 
 
+def portable(text: str) -> str:
+    """``text`` with the repository's absolute path written as ``.`` (records are committed and
+    read on other clones)."""
+    return str(text).replace(str(ROOT), ".")
+
+
+class RunRecords:
+    """Finished runs as small files meant to be committed: ``<folder>/<name>.json`` and, when the
+    run saved a wiring heatmap, ``<folder>/<name>_gates.png`` (no checkpoints, no event files).
+
+    ``build(runs_dir, spec, done)`` reads a finished run's folder (``done``: its ``DONE.json``) and
+    returns what the report needs (curves, final loss, ...); :meth:`write` adds the spec, the
+    command and the timings of ``DONE.json``. A run counts as finished when its JSON exists; the
+    JSON is written last, so an interrupted write leaves the run unfinished. ``written`` lists the
+    files this process wrote (for the session to commit).
+    """
+
+    def __init__(self, folder: Path, build: Callable[[Path, RunSpec, dict], dict], png_max_px: int = 900) -> None:
+        self.folder = Path(folder)
+        self.build = build
+        self.png_max_px = png_max_px
+        self.written: list[Path] = []
+
+    def json_path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def png_path(self, name: str) -> Path:
+        return self.folder / f"{name}_gates.png"
+
+    def has(self, name: str) -> bool:
+        """True when the run's record exists (the run finished)."""
+        return self.json_path(name).is_file()
+
+    def load(self, name: str) -> dict:
+        """The run's record; ``gates_png`` (when there is one) as a path next to it."""
+        record = json.loads(self.json_path(name).read_text(encoding="utf-8"))
+        if record.get("gates_png"):
+            record["gates_png"] = str(self.folder / record["gates_png"])
+        return record
+
+    def write(self, runs_dir: Path, spec: RunSpec, done: dict) -> dict:
+        """Build the record of a finished run from its folder and write it (the PNG first)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "name": spec.name,
+            "meta": spec.meta,
+            "args": [portable(a) for a in spec.args],
+            "command": [portable(a) for a in done["command"]],
+            "started_unix": done["started_unix"],
+            "wall_s": done["wall_s"],
+            "finished": done.get("finished"),
+            "threads": done.get("threads"),
+            "jobs": done.get("jobs"),
+            **self.build(runs_dir, spec, done),
+            "gates_png": None,
+        }
+        png = final_gate_png(runs_dir, spec.name)
+        if png is not None:
+            small_png(png, self.png_path(spec.name), self.png_max_px)
+            record["gates_png"] = self.png_path(spec.name).name
+            self.written.append(self.png_path(spec.name))
+        tmp = self.json_path(spec.name).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(self.json_path(spec.name))
+        self.written.append(self.json_path(spec.name))
+        return record
+
+
+def small_png(src: Path, dst: Path, max_px: int = 900) -> None:
+    """Copy a PNG, shrunk to at most ``max_px`` on its longer side and stored with a 256-colour
+    palette (a heatmap loses nothing visible; the file is a few tens of kB)."""
+    from PIL import Image
+
+    with Image.open(src) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_px, max_px), Image.LANCZOS)
+        image.quantize(256).save(dst, optimize=True)
+
+
 def command(spec: RunSpec, runs_dir: Path) -> list[str]:
     """The full command line of a run: ``python -m ancre_lightning.cli fit <args> <logger paths>``."""
     return [
@@ -69,16 +156,29 @@ def command(spec: RunSpec, runs_dir: Path) -> list[str]:
     ]
 
 
-def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | None = None, poll_s: float = 2.0) -> dict[str, int]:
+def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | None = None, poll_s: float = 2.0,
+           records: RunRecords | None = None) -> dict[str, int]:
     """Run every unfinished spec, ``jobs`` at a time; returns exit status by run name.
 
     Each run gets ``OMP_NUM_THREADS=threads`` (default: the CPU count divided by ``jobs``, at
-    least 1). Finished runs are skipped; an unfinished run folder is removed first.
+    least 1). Finished runs are skipped; an unfinished run folder is removed first. Without
+    ``records`` a run is finished when its ``DONE.json`` exists; with ``records`` when its record
+    exists, and a finished run writes its record (status -1 if that fails); a run folder with
+    ``DONE.json`` but no record (e.g. from before records) gets its record and is not run again.
     """
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
-    todo = [s for s in specs if not is_done(runs_dir, s.name)]
+    if records is not None:
+        for s in specs:
+            if not records.has(s.name) and is_done(runs_dir, s.name):
+                try:
+                    records.write(runs_dir, s, done_info(runs_dir, s.name))
+                    print(f"recorded {s.name} from its finished run folder", flush=True)
+                except Exception as err:  # noqa: BLE001 - the run is simply run again
+                    print(f"could not record {s.name} from its run folder ({err!r}); running it again", flush=True)
+    finished = records.has if records is not None else (lambda name: is_done(runs_dir, name))
+    todo = [s for s in specs if not finished(s.name)]
     skipped = len(specs) - len(todo)
     if skipped:
         print(f"skipping {skipped} finished run(s)", flush=True)
@@ -111,6 +211,12 @@ def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | N
                         "meta": spec.meta, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
                 (run_dir(runs_dir, name) / "DONE.json").write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
                 print(f"done  {name} in {wall / 60:.1f} min", flush=True)
+                if records is not None:
+                    try:
+                        records.write(runs_dir, spec, done)
+                    except Exception as err:  # noqa: BLE001 - reported; the next launch retries from the folder
+                        status[name] = -1
+                        print(f"FAILED to record {name}: {err!r}", flush=True)
             else:
                 tail = (run_dir(runs_dir, name) / "train.log").read_text(encoding="utf-8", errors="replace")[-2000:]
                 print(f"FAILED {name} (exit {rc}) after {wall / 60:.1f} min; end of its log:\n{tail}", flush=True)
@@ -143,26 +249,27 @@ def resolve_folders(args: argparse.Namespace, name: str, out_name: str) -> None:
     args.out = args.out or (args.runs_dir / "report" if args.quick else EXPERIMENTS / "out" / out_name)
 
 
-def launch_unless_report_only(args: argparse.Namespace, specs: list[RunSpec]) -> None:
+def launch_unless_report_only(args: argparse.Namespace, specs: list[RunSpec], records: RunRecords | None = None) -> None:
     """Run the sweep's unfinished runs (skipped with ``--report-only``) and name the failed ones."""
     if args.report_only:
         return
-    status = launch(specs, args.runs_dir, args.jobs, args.threads)
+    status = launch(specs, args.runs_dir, args.jobs, args.threads, records=records)
     failed = [n for n, rc in status.items() if rc != 0]
     if failed:
         print(f"failed runs: {failed} (their logs: <runs-dir>/<name>/train.log)", flush=True)
 
 
-def run_record(runs_dir: Path, runs: dict, expected_runs: int) -> dict:
-    """The head of a report's ``results.json``: where the runs are, how many finished, their commands."""
+def run_record(runs_dir: Path, runs: dict, expected_runs: int, records: RunRecords | None = None) -> dict:
+    """The head of a report's ``results.json``: where the runs are, how many finished, their commands
+    (from the runs' records with ``records``, else from their ``DONE.json``)."""
     if not runs:
-        raise SystemExit(f"no finished runs under {runs_dir}; run without --report-only first")
-    return {
-        "runs_dir": str(runs_dir),
-        "expected_runs": expected_runs,
-        "finished_runs": len(runs),
-        "commands": {name: done_info(runs_dir, name)["command"][3:] for name in runs},
-    }
+        where = runs_dir if records is None else records.folder
+        raise SystemExit(f"no finished runs under {where}; run without --report-only first")
+    head = {"runs_dir": portable(runs_dir), "expected_runs": expected_runs, "finished_runs": len(runs)}
+    if records is not None:
+        head["records_dir"] = portable(records.folder)
+    commands = {name: (records.load(name) if records is not None else done_info(runs_dir, name))["command"] for name in runs}
+    return {**head, "commands": {name: cmd[3:] for name, cmd in commands.items()}}
 
 
 def write_report(out: Path, results: dict, table_md: str, figures: list[Path]) -> None:

@@ -12,8 +12,18 @@ temperature annealed from 1 to 0.01 (the ``GateTemperatureAnnealing`` callback):
 
 Seeds 0 and 1 everywhere; then a second pass reads the finished runs and adds seed 2 to both
 wirings of every pair whose mean final validation losses at a depth differ by less than two
-standard deviations (the larger of the two, over seeds 0 and 1). The report (``--out``, default
-``experiments/out/depth_scaling``) reads the TensorBoard event files back:
+standard deviations (the larger of the two, over seeds 0 and 1).
+
+Records. The run folders (event files, checkpoints, ``train.log``) are git-ignored and do not
+outlive the session. When a run finishes (exit status 0) the driver writes its record to
+``<out>/runs/`` (default ``experiments/out/depth_scaling/runs/``), meant to be committed:
+``<name>.json`` (spec and meta, command, start and wall time, final validation loss, the ``val/*``
+and ``train/*`` curves as ``[step, value, seconds since the start]``, tokens/s, parameter count) and
+``<name>_gates.png`` (its last wiring heatmap, shrunk to 900 px at most). A run is finished when its
+record exists; a run folder that finished but has no record (e.g. one from before records) gets
+its record without running again. The report is read from the records only, so ``--report-only``
+works on a fresh clone that has no ``experiments/runs/``. The report (``--out``, default
+``experiments/out/depth_scaling``):
 
 - ``results.json``: one record per run (wiring, depth, seed, final validation loss, the step at
   which it reaches residual's final loss at the same depth, wall time, tokens/s, parameter count,
@@ -24,11 +34,13 @@ standard deviations (the larger of the two, over seeds 0 and 1). The report (``-
 - ``curves_deepest.png``: validation loss against step at the deepest depth (mean, min-max band);
 - ``walltime_deepest.png``: validation loss against wall-clock time at the deepest depth (every run);
 - ``gates_deepest.png``: the learned wirings at the end, deepest depth, lowest seed (the
-  GateVisualization heatmaps of each run, ``<log_dir>/gates/``);
+  GateVisualization heatmaps of each run, as copied into the records);
 - ``table.md``: the leaderboard (loss by depth, and per depth ranked by loss).
 
 Finished runs are skipped, so the same command resumes an interrupted sweep (a run that was cut
-off starts again from scratch)::
+off starts again from scratch). Across sessions, each on a fresh clone: run the same command, and
+commit ``experiments/out/depth_scaling/`` as runs finish (the driver prints the record files it
+wrote; it commits nothing itself); the next session skips every committed run::
 
     .venv/bin/python experiments/depth_scaling.py --jobs 2 --threads 1     # the sweep, ~6 h on 2 idle cores
     .venv/bin/python experiments/depth_scaling.py --report-only           # figures and JSON from finished runs
@@ -51,17 +63,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import (  # noqa: E402
     EXPERIMENTS,
+    RunRecords,
     RunSpec,
-    done_info,
-    final_gate_png,
     interpolate_crossing,
-    is_done,
     launch_unless_report_only,
     log_dir,
     machine,
     mean_curve,
     mean_std,
     new_figure,
+    portable,
     read_scalar_events,
     resolve_folders,
     run_record,
@@ -169,39 +180,66 @@ def parameter_count(model_init_args: dict) -> int:
     return _PARAMS[key]
 
 
-def collect(runs_dir: Path, run_specs: list[RunSpec]) -> list[dict]:
-    """One record per finished run: final validation loss, curves against step and wall time,
-    throughput, parameters, and its last wiring heatmap."""
-    records = []
+def _curve(points: list[tuple[int, float, float]], start: float) -> list[list]:
+    """``[(step, value, unix time)]`` as ``[[step, value, seconds since the run started]]``, rounded
+    (records are committed: a few kB a run)."""
+    return [[step, float(f"{v:.6g}"), round(t - start, 2)] for step, v, t in points]
+
+
+def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
+    """What the report needs of a finished run, read from its folder (the body of its record):
+    the final validation loss, the validation and training curves (``val/*`` and ``train/*``
+    scalars, ``[step, value, seconds since the start]``; validation steps count optimizer steps),
+    tokens a step, median tokens/s and the parameter count."""
+    events = read_scalar_events(log_dir(runs_dir, s.name))
+    curves = {tag: _curve(validation_curve(points) if tag.startswith("val/") else points, done["started_unix"])
+              for tag, points in events.items() if tag.startswith(("val/", "train/"))}
+    val = curves.get("val/loss", [])
+    if not val:
+        raise ValueError(f"{s.name}: no val/loss in its event files")
+    config = run_config(runs_dir, s.name)
+    data = config["data"]["init_args"]
+    throughput = [v for _, v, _ in events.get("train/tokens_per_s", [])]
+    return {
+        "final_step": val[-1][0],
+        "final_val_loss": val[-1][1],
+        "tokens_per_step": data["batch_size"] * data["seq_len"],
+        "tokens_per_s": statistics.median(throughput) if throughput else None,  # training steps only
+        "parameters": parameter_count(config["model"]["init_args"]),
+        "curves": curves,
+    }
+
+
+def records_for(out: Path) -> RunRecords:
+    """The committed records of a sweep whose report goes to ``out``: ``<out>/runs/``."""
+    return RunRecords(Path(out) / "runs", run_summary)
+
+
+def collect(records: RunRecords, run_specs: list[RunSpec]) -> list[dict]:
+    """One row per finished run (one with a record): final validation loss, curves against step and
+    wall time, throughput, parameters, and its last wiring heatmap. Reads the records only."""
+    rows = []
     for s in run_specs:
-        if not is_done(runs_dir, s.name):
+        if not records.has(s.name):
             continue
-        events = read_scalar_events(log_dir(runs_dir, s.name))
-        val = validation_curve(events.get("val/loss", []))
-        if not val:
-            continue
-        done = done_info(runs_dir, s.name)
-        config = run_config(runs_dir, s.name)
-        data = config["data"]["init_args"]
-        start = done.get("started_unix", val[0][2])
-        throughput = [v for _, v, _ in events.get("train/tokens_per_s", [])]
-        gates = final_gate_png(runs_dir, s.name)
-        records.append({
+        rec = records.load(s.name)
+        val = rec["curves"]["val/loss"]
+        rows.append({
             "name": s.name,
-            **s.meta,
-            "final_step": val[-1][0],
-            "final_val_loss": val[-1][1],
-            "wall_s": done["wall_s"],
-            "tokens_per_step": data["batch_size"] * data["seq_len"],
-            "tokens_per_s": statistics.median(throughput) if throughput else None,  # training steps only
-            "tokens_per_s_wall": val[-1][0] * data["batch_size"] * data["seq_len"] / done["wall_s"],  # start-up and validation too
-            "parameters": parameter_count(config["model"]["init_args"]),
+            **rec["meta"],
+            "final_step": rec["final_step"],
+            "final_val_loss": rec["final_val_loss"],
+            "wall_s": rec["wall_s"],
+            "tokens_per_step": rec["tokens_per_step"],
+            "tokens_per_s": rec["tokens_per_s"],
+            "tokens_per_s_wall": rec["final_step"] * rec["tokens_per_step"] / rec["wall_s"],  # start-up and validation too
+            "parameters": rec["parameters"],
             "val_loss": [(step, v) for step, v, _ in val],
-            "val_loss_by_wall_s": [(t - start, v) for _, v, t in val],
-            "gates_png": None if gates is None else str(gates),
+            "val_loss_by_wall_s": [(t, v) for _, v, t in val],
+            "gates_png": rec.get("gates_png"),
         })
-    add_steps_to_residual(records)
-    return records
+    add_steps_to_residual(rows)
+    return rows
 
 
 def add_steps_to_residual(records: list[dict]) -> None:
@@ -451,9 +489,11 @@ def table(summary: dict, depths: list[int], pairs: list[dict]) -> str:
 
 def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wirings: list[str], depths: list[int],
            pairs: list[dict]) -> dict:
-    """Read the finished runs and write the figures, ``results.json`` and ``table.md``."""
-    records = collect(runs_dir, all_specs)
-    head = run_record(runs_dir, {r["name"]: r for r in records}, len(all_specs))
+    """Read the finished runs' records (``<out>/runs/``, not the run folders) and write the figures,
+    ``results.json`` and ``table.md``."""
+    run_records = records_for(out)
+    records = collect(run_records, all_specs)
+    head = run_record(runs_dir, {r["name"]: r for r in records}, len(all_specs), run_records)
     summary = summarize(records, wirings, depths)
     out.mkdir(parents=True, exist_ok=True)
     deepest = max(r["depth"] for r in records)
@@ -473,7 +513,7 @@ def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wi
         "third_seed_pairs": pairs,
         "summary": summary,
         "step_times": json.loads(measured.read_text(encoding="utf-8")) if measured.is_file() else None,
-        "runs": records,
+        "runs": [{**r, "gates_png": r["gates_png"] and portable(r["gates_png"])} for r in records],
     }
     write_report(out, results, table(summary, depths, pairs), figures)
     return results
@@ -634,16 +674,23 @@ def main(argv: list[str] | None = None) -> dict:
     first = specs(config, args.wirings, args.depths, args.seeds, args.steps, args.val_every, extra)
     if args.quick:  # a couple of minutes: every wiring at the deepest depth, two at the others
         first = [s for s in first if s.meta["depth"] == max(args.depths) or s.meta["wiring"] in QUICK_SHALLOW]
-    launch_unless_report_only(args, first)
+    records = records_for(args.out)
+    launch_unless_report_only(args, first, records)
     pairs = []
     if args.third_seed >= 0 and args.third_seed not in args.seeds:
-        pairs = close_pairs(collect(args.runs_dir, first), args.wirings, args.depths, args.seeds)
+        pairs = close_pairs(collect(records, first), args.wirings, args.depths, args.seeds)
         second = third_seed_specs(pairs, config, args.wirings, args.third_seed, args.steps, args.val_every, extra)
         if second:
             print(f"third seed for {len(second)} run(s): " + ", ".join(s.name for s in second), flush=True)
-        launch_unless_report_only(args, second)
+        launch_unless_report_only(args, second, records)
         first = first + second
-    return report(args.runs_dir, args.out, config, first, args.wirings, args.depths, pairs)
+    results = report(args.runs_dir, args.out, config, first, args.wirings, args.depths, pairs)
+    if records.written:
+        print(f"new record files ({len(records.written)}; commit them so that a fresh clone resumes from here, "
+              f"e.g. git add {portable(records.folder)}):\n" + "\n".join(f"  {portable(p)}" for p in records.written), flush=True)
+    elif not args.report_only:
+        print("no new record files", flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""experiments/depth_scaling.py: its configs train as shipped and with the driver's overrides, and
-the second pass gives a third seed to close pairs only."""
+"""experiments/depth_scaling.py: its configs train as shipped and with the driver's overrides, the
+second pass gives a third seed to close pairs only, and a finished run survives as a committed
+record from which the report is rebuilt without any run folder."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -12,6 +14,7 @@ from ancre_lightning.cli import build_cli
 from conftest import ROOT, tiny_run_args
 
 sys.path.insert(0, str(ROOT / "experiments"))
+import _runs  # noqa: E402
 import depth_scaling  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -105,3 +108,105 @@ def test_steps_to_residual_loss():
     assert records[0]["steps_to_residual_loss"] == pytest.approx(87.5)
     assert records[1]["steps_to_residual_loss"] is None  # seed 1 of residual never reaches the mean
     assert x8["steps_to_residual_loss"] is None and x8["residual_final_val_loss_mean"] is None
+
+
+def fake_record(wiring: str, depth: int, seed: int, loss: float) -> dict:
+    """A made-up record as RunRecords.write leaves it (``<out>/runs/<name>.json``)."""
+    name = depth_scaling.run_name(wiring, depth, seed)
+    return {
+        "name": name, "meta": {"wiring": wiring, "depth": depth, "seed": seed}, "args": ["--config", "x.yaml"],
+        "command": ["./.venv/bin/python", "-m", "ancre_lightning.cli", "fit", "--config", "x.yaml"],
+        "started_unix": 1.7e9, "wall_s": 100.0 + depth, "finished": "2025-01-01 00:00:00 UTC", "threads": 1, "jobs": 2,
+        "final_step": 90, "final_val_loss": loss, "tokens_per_step": 2048, "tokens_per_s": 5000.0, "parameters": 1000 * depth,
+        "curves": {"val/loss": [[45, loss + 0.3, 50.0], [90, loss, 95.0]],
+                   "train/loss": [[10, 3.0, 10.0], [90, loss - 0.05, 90.0]]},
+        "gates_png": None,
+    }
+
+
+def test_report_rebuilds_from_records_without_run_folders(tmp_path):
+    """--report-only on a fresh clone: only <out>/runs/*.json (and a gate PNG) exist, no runs dir."""
+    from PIL import Image
+
+    out, runs_dir = tmp_path / "out", tmp_path / "no_runs"
+    (out / "runs").mkdir(parents=True)
+    losses = {("residual", 4): (1.50, 1.52), ("ancre", 4): (1.40, 1.41), ("residual", 8): (1.45, 1.46), ("ancre", 8): (1.30, 1.32)}
+    for (wiring, depth), pair in losses.items():
+        for seed, loss in enumerate(pair):
+            rec = fake_record(wiring, depth, seed, loss)
+            if (wiring, depth, seed) == ("ancre", 8, 0):
+                Image.new("RGB", (40, 30), (10, 200, 30)).save(out / "runs" / f"{rec['name']}_gates.png")
+                rec["gates_png"] = f"{rec['name']}_gates.png"
+            (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
+    results = depth_scaling.main(["--report-only", "--out", str(out), "--runs-dir", str(runs_dir),
+                                  "--wirings", "residual", "ancre", "--depths", "4", "8", "--seeds", "0", "1"])
+    assert not runs_dir.exists()
+    assert results["finished_runs"] == 8 and results["deepest"] == 8
+    assert results["third_seed_pairs"] == []  # every gap is wider than two standard deviations
+    assert results["summary"]["ancre"]["8"]["final_val_loss_mean"] == pytest.approx(1.31)
+    assert results["summary"]["ancre"]["8"]["minus_residual"] == pytest.approx(1.31 - 1.455)
+    assert results["summary"]["residual"]["4"]["parameters"] == 4000
+    assert results["commands"]["ancre_d08_seed0"] == ["fit", "--config", "x.yaml"]
+    ancre = next(r for r in results["runs"] if r["name"] == "ancre_d08_seed0")
+    assert ancre["val_loss_by_wall_s"] == [(50.0, 1.60), (95.0, 1.30)]
+    assert ancre["tokens_per_s_wall"] == pytest.approx(90 * 2048 / 108.0)
+    assert ancre["steps_to_residual_loss"] == pytest.approx(45 + 45 * (1.60 - 1.455) / 0.30)
+    assert json.loads((out / "results.json").read_text())["finished_runs"] == 8
+    assert "| 1 | ancre | 2 | 1.3100" in (out / "table.md").read_text()
+    for figure in ("loss_vs_depth.png", "curves_deepest.png", "walltime_deepest.png", "gates_deepest.png"):
+        assert (out / figure).is_file(), figure
+
+
+def test_launch_skips_runs_with_a_record(tmp_path):
+    """A run counts as finished when its record exists, whatever the runs dir holds."""
+    records = depth_scaling.records_for(tmp_path / "out")
+    runs = [depth_scaling.spec(depth_scaling.PRESETS["cpu"], "residual", 2, seed, 1, 1, []) for seed in (0, 1)]
+    records.folder.mkdir(parents=True)
+    for r in runs:
+        records.json_path(r.name).write_text(json.dumps(fake_record("residual", 2, r.meta["seed"], 1.0)), encoding="utf-8")
+    assert _runs.launch(runs, tmp_path / "runs", jobs=1, records=records) == {}
+    assert list((tmp_path / "runs").iterdir()) == []
+    assert records.written == []
+
+
+def test_finished_run_folder_becomes_a_record(tmp_path):
+    """RunRecords.write: the record of a finished run folder (event files, config.yaml, a gate PNG)
+    holds the curves, the loss, the parameters and a shrunk PNG, with no absolute repository path."""
+    import yaml
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs_dir = tmp_path / "runs"
+    run = depth_scaling.spec(depth_scaling.PRESETS["cpu"], "ancre", 2, 0, 4, 2, [])
+    logs = _runs.log_dir(runs_dir, run.name)
+    writer = SummaryWriter(str(logs))
+    for step, value in [(1, 3.0), (3, 2.5)]:
+        writer.add_scalar("train/loss", value, step)
+        writer.add_scalar("train/tokens_per_s", 1000.0 * step, step)
+    writer.add_scalar("val/loss", 2.4, 3)  # logged at global_step - 1: the record says step 4
+    writer.add_scalar("gates/entropy", 0.5, 3)  # neither train/ nor val/: left out
+    writer.close()
+    config = yaml.safe_load(depth_scaling.PRESETS["cpu"].read_text(encoding="utf-8"))
+    config["model"]["init_args"].update(n_layers=2, connectivity="ancre")
+    (logs / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (logs / "gates").mkdir()
+    Image.new("RGB", (2000, 1000), (200, 30, 30)).save(logs / "gates" / "wiring_step0000004.png")
+    Image.new("RGB", (10, 10), (0, 0, 0)).save(logs / "gates" / "wiring_step0000000.png")
+    done = {"command": [sys.executable, "-m", "ancre_lightning.cli", "fit", f"--config={ROOT}/x.yaml"],
+            "wall_s": 30.0, "started_unix": 0.0, "threads": 1, "jobs": 2}
+    records = depth_scaling.records_for(tmp_path / "out")
+    records.write(runs_dir, run, done)
+    assert records.written == [records.png_path(run.name), records.json_path(run.name)]
+    text = records.json_path(run.name).read_text(encoding="utf-8")
+    assert str(ROOT) not in text
+    rec = json.loads(text)
+    assert rec["meta"] == {"wiring": "ancre", "depth": 2, "seed": 0}
+    assert rec["final_step"] == 4 and rec["final_val_loss"] == pytest.approx(2.4)
+    assert [p[:2] for p in rec["curves"]["train/loss"]] == [[1, 3.0], [3, 2.5]]
+    assert set(rec["curves"]) == {"train/loss", "train/tokens_per_s", "val/loss"}
+    assert rec["tokens_per_s"] == pytest.approx(2000.0) and rec["tokens_per_step"] == 16 * 128
+    assert rec["parameters"] == depth_scaling.parameter_count(config["model"]["init_args"])
+    assert rec["command"][-1] == "--config=./x.yaml"
+    with Image.open(records.png_path(run.name)) as png:
+        assert max(png.size) <= 900 and png.size[0] == 2 * png.size[1]  # the last heatmap, shrunk
+    assert records.has(run.name) and records.load(run.name)["gates_png"] == str(records.png_path(run.name))
