@@ -98,6 +98,9 @@ class LLMModule(ConnectivityModule):
         _, exits = self.net.forward_features(batch["input_ids"], return_exits=True)
         return [self.exit_head(h).flatten(0, 1) for h in exits], batch["labels"].flatten()
 
+    #: for EarlyExitEvaluation: an exit's perplexity is exp of its mean loss (as ``val/ppl``), not a mean of perplexities
+    exit_derived_metrics = {"ppl": ("loss", torch.exp)}
+
     def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Next-token ``loss``, perplexity ``ppl`` and top-1 ``accuracy`` of one exit."""
         metrics = super().exit_metrics(output, target)
