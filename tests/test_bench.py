@@ -151,3 +151,29 @@ def test_bad_arguments_are_explained():
         main(["step", "--set", "reps=3"])
     with pytest.raises(SystemExit, match="options: .*reps"):
         main(["step", "--set", "step.repz=3"])
+
+
+def test_memory_on_cpu_says_so_when_the_private_profiler_api_changes(monkeypatch):
+    """``peak_bytes`` on CPU reads ``prof.profiler.kineto_results``; a torch without it must give a
+    clear error, not a traceback from deep inside or a peak of 0."""
+    from ancre_lightning.bench import memory
+
+    buffers = []
+    step = lambda: buffers.append(torch.ones(1 << 16))  # noqa: E731  (256 KiB)
+    assert memory.peak_bytes(step, torch.device("cpu")) >= 1 << 18  # the API as it is today
+
+    class Renamed:
+        def __init__(self, results):
+            self.renamed_results = results
+
+    real = torch.profiler.profile
+
+    class ChangedProfile(real):
+        def __exit__(self, *exc):
+            out = super().__exit__(*exc)
+            self.profiler = Renamed(self.profiler.kineto_results)
+            return out
+
+    monkeypatch.setattr(torch.profiler, "profile", ChangedProfile)
+    with pytest.raises(RuntimeError, match="private profiler API.*kineto_results"):
+        memory.peak_bytes(step, torch.device("cpu"))
