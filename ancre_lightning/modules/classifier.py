@@ -69,7 +69,7 @@ class ClassifierModule(ConnectivityModule):
 
     Cross-entropy with label smoothing (or soft targets under Mixup / CutMix, through timm), AdamW
     with the gates in their own group, linear warm-up then cosine. Logs ``train/loss``,
-    ``train/acc1`` (not under Mixup), ``train/lr``, ``train/images_per_s``, and
+    ``train/acc1`` (not under Mixup), ``train/images_per_s``, and
     ``val/loss``, ``val/acc1``, ``val/acc5`` (``test/...`` the same); top-5 only with more than
     5 classes. Validation and test losses are plain cross-entropy, without smoothing.
 
@@ -295,7 +295,6 @@ class ClassifierModule(ConnectivityModule):
             self.train_acc1(logits.detach(), labels)
             self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -90,7 +90,7 @@ class DiffusionModule(ConnectivityModule):
     """Denoising diffusion with a DiT whose K blocks are wired by a chosen connectivity.
 
     Batches are ``(images, labels)`` with images in [-1, 1] (B, C, H, W) (or a dict with
-    ``images`` and ``labels``). Logs ``train/loss``, ``train/lr``, ``val/loss`` (fixed noise and
+    ``images`` and ``labels``). Logs ``train/loss``, ``val/loss`` (fixed noise and
     timesteps per validation batch, so epochs compare) and ``val/loss_ema``. For early-exit
     callbacks, :meth:`exit_predictions` gives the K+1 exits' model outputs and :meth:`exit_metrics`
     their denoising MSE ``loss``.
@@ -296,7 +296,6 @@ class DiffusionModule(ConnectivityModule):
         t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)  # (B,)
         loss = self.denoising_loss(self.net, images, labels, noise, t)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

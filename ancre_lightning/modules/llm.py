@@ -19,7 +19,8 @@ from ..errors import UserInputError
 class LLMModule(ConnectivityModule):
     """LLaMA-style causal LM whose blocks are wired by a chosen connectivity.
 
-    Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``val/loss`` and ``val/ppl``.
+    Logs ``train/loss``, ``train/tokens_per_s``, ``val/loss`` and ``val/ppl`` (learning rates:
+    Lightning's ``LearningRateMonitor``, in every shipped config).
 
     Args:
         vocab_size: number of token ids (257 for the byte-level tokenizer: 256 bytes + EOS).
@@ -131,7 +132,6 @@ class LLMModule(ConnectivityModule):
         logits = self(batch["input_ids"])  # (B, T, V)
         loss = self.lm_loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
