@@ -8,8 +8,11 @@ uses by default. Sampling runs any of :data:`SAMPLERS` (diffusers' DDPM, DDIM or
 with classifier-free guidance.
 
 Every ``sample_every_n_steps`` training steps a fixed-seed grid of samples (one row per class) is
-logged to TensorBoard and saved as ``<log_dir>/samples/step<N>.png``. To write images from a
-checkpoint use ``python -m ancre_lightning.sample`` (see that module).
+logged to TensorBoard and saved as ``<log_dir>/samples/step<N>.png``. With ``fid_num_samples`` each
+validation also samples that many images and logs ``val/fid`` and ``val/kid`` against as many
+validation images (torchmetrics over :class:`~ancre_lightning.metrics.InceptionFeatures`,
+synchronised over DDP processes). To write images from a checkpoint use
+``python -m ancre_lightning.sample`` (see that module).
 """
 
 from __future__ import annotations
@@ -133,6 +136,12 @@ class DiffusionModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        fid_num_samples: at every validation (not the sanity check), sample this many images with
+            the EMA weights, the sampler and ``sample_steps`` (split over the DDP processes, labels
+            cycling over the classes, seeded by ``eval_seed``) and log ``val/fid`` and ``val/kid``
+            (KID mean, subsets of up to 1000) against as many validation images, through the FID
+            Inception network (fetched and verified on first use). 0 (default) turns it off: on a
+            CPU Inception costs about 0.3 s per image, so keep it for GPUs or use a few dozen images.
     """
 
     exit_task = "regression"
@@ -171,6 +180,7 @@ class DiffusionModule(ConnectivityModule):
         gate_lr: float | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
+        fid_num_samples: int = 0,
     ) -> None:
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "Set prediction_type accordingly.")
@@ -180,6 +190,8 @@ class DiffusionModule(ConnectivityModule):
             raise UserInputError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise UserInputError(f"ema_decay must be in [0, 1) or null (no EMA), got {ema_decay}")
+        if fid_num_samples < 0 or fid_num_samples == 1:
+            raise UserInputError(f"fid_num_samples must be 0 (off) or >= 2 (FID needs two images per side), got {fid_num_samples}")
         if sample_steps < 1 or sample_grid < 1 or sample_every_n_steps < 0:
             raise UserInputError(
                 f"sample_steps and sample_grid must be >= 1 and sample_every_n_steps >= 0 (0: no grids), got "
@@ -219,6 +231,10 @@ class DiffusionModule(ConnectivityModule):
         self.val_loss_ema = MeanMetric()
         self._ema_step = -1
         self._sample_dir: Path | None = None
+        # (FID, KID) torchmetrics, built on first use; a tuple, so neither they nor the Inception weights
+        # become submodules (checkpoints stay the same with FID on or off)
+        self._fid_metrics: tuple[Any, Any] | None = None
+        self._fid_real = 0  # real images of this process in the current validation
 
     # --- the network ---------------------------------------------------------------------------
     def forward(self, noisy: Tensor, timesteps: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -335,6 +351,76 @@ class DiffusionModule(ConnectivityModule):
         if self.ema is not None:
             self.val_loss_ema.update(self.denoising_loss(self.ema.module, images, labels, noise, t), weight=n)
             self.log("val/loss_ema", self.val_loss_ema)
+        if self._fid_active():
+            take = images[: max(self._fid_share()[0] - self._fid_real, 0)]
+            if take.shape[0]:
+                real = to_uint8(take)  # (n, C, H, W)
+                for metric in self.fid_metrics():
+                    metric.update(real, real=True)
+                self._fid_real += take.shape[0]
+
+    # --- FID / KID at validation ----------------------------------------------------------------
+    def _fid_active(self) -> bool:
+        return bool(self.hparams.get("fid_num_samples")) and self._trainer is not None and not self.trainer.sanity_checking
+
+    def _fid_share(self) -> tuple[int, int]:
+        """(images of this process, index of its first image): ``fid_num_samples`` split over the processes."""
+        total, world = self.hparams.fid_num_samples, self.trainer.world_size
+        rank = self.trainer.global_rank
+        base, extra = divmod(total, world)
+        return base + (rank < extra), rank * base + min(rank, extra)
+
+    def fid_metrics(self) -> tuple[Any, Any]:
+        """torchmetrics' ``(FrechetInceptionDistance, KernelInceptionDistance)`` sharing one
+        :class:`~ancre_lightning.metrics.InceptionFeatures`, on this module's device."""
+        if self._fid_metrics is None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            from torchmetrics.image.kid import KernelInceptionDistance
+
+            from ..metrics import InceptionFeatures
+
+            features = InceptionFeatures()
+            subset = min(1000, self.hparams.fid_num_samples)
+            self._fid_metrics = (
+                FrechetInceptionDistance(feature=features),
+                KernelInceptionDistance(feature=features, subsets=100, subset_size=subset),
+            )
+        for metric in self._fid_metrics:
+            metric.to(self.device)
+        return self._fid_metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._fid_real = 0
+        if self._fid_active():
+            for metric in self.fid_metrics():
+                metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._fid_active():
+            return
+        count, start = self._fid_share()
+        fid, kid = self.fid_metrics()
+        if count:
+            labels = None
+            if self.net.num_classes > 0:
+                labels = torch.arange(start, start + count) % self.net.num_classes  # cycling over all processes
+            seed = self.hparams.eval_seed + self.trainer.global_rank
+            fake = to_uint8(self.sample(count, labels, seed=seed, batch_size=min(count, 256)))  # (count, C, H, W)
+            fid.update(fake, real=False)
+            kid.update(fake, real=False)
+        reduce = self.trainer.strategy.reduce
+        real = int(reduce(torch.tensor(float(self._fid_real), device=self.device), reduce_op="sum"))
+        if real < 2:
+            raise UserInputError(
+                f"fid_num_samples={self.hparams.fid_num_samples} but validation gave {real} images; "
+                "FID needs at least 2 (raise limit_val_batches or lower fid_num_samples)"
+            )
+        kid.subset_size = min(1000, self.hparams.fid_num_samples, real)  # validation may give fewer images than asked for
+        # compute() gathers every process's features, so every process logs the same value
+        self.log("val/fid", fid.compute().float(), sync_dist=True)
+        self.log("val/kid", kid.compute()[0].float(), sync_dist=True)
+        fid.reset()
+        kid.reset()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = self.unpack(batch)
