@@ -183,7 +183,7 @@ def run(
          "paired_ratios": paired, "paired_ratio_median": statistics.median(paired)},
     ]
     return {
-        "settings": {**shape, "connectivity": connectivity, "aggregation": "loop (LLMModule default)",
+        "settings": {**shape, "connectivity": connectivity, "aggregation": "auto (LLMModule default)",
                      "warmup_steps": warmup_steps, "steps": steps, "rounds": rounds,
                      "data": data_path or "wikipedia", "num_workers": 0, "device": str(device),
                      "trainer": "defaults: TensorBoard logger, progress bar, model summary, checkpointing; no validation"},

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .aggregation import AGGREGATION_IMPLS, AggregationImpl, weighted_sum
+from .aggregation import AGGREGATION_IMPLS, DEFAULT_AGGREGATION, AggregationImpl, weighted_sum
 from .base import Connectivity
 from ..errors import UserInputError
 
@@ -23,14 +23,15 @@ class ConnectedStack(nn.Module):
             tensor shaped like ``h``. Blocks must keep or drop their inner residual as
             ``connectivity.inner_residual`` says.
         connectivity: the wiring (see :func:`build_connectivity`).
-        aggregation: ``"loop"`` or ``"fused"`` implementation of the weighted merge.
+        aggregation: implementation of the weighted merge: ``"auto"`` (default: fused where it
+            pays, see :func:`~ancre_lightning.connectivity.aggregation.weighted_sum`), ``"loop"`` or ``"fused"``.
     """
 
     def __init__(
         self,
         blocks: Sequence[nn.Module],
         connectivity: Connectivity,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
     ) -> None:
         super().__init__()
         blocks = nn.ModuleList(blocks)

@@ -20,7 +20,7 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 
 #: Sinusoidal features of the timestep before its MLP (the DiT paper's frequency_embedding_size).
@@ -114,7 +114,7 @@ class DiT(nn.Module):
         class_dropout: probability of dropping a label to the null class during training.
         connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class DiT(nn.Module):
         class_dropout: float = 0.1,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
     ) -> None:
         super().__init__()
         if patch_size < 1 or image_size < 1 or image_size % patch_size:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 
 
@@ -115,7 +115,7 @@ class CausalLM(nn.Module):
         max_seq_len: longest sequence the rotary tables cover.
         connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         dropout: attention dropout probability.
         norm_eps: RMSNorm epsilon.
         rope_theta: rotary base.
@@ -132,7 +132,7 @@ class CausalLM(nn.Module):
         max_seq_len: int = 256,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,

@@ -29,7 +29,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .vit import check_images, zero_init_head
 
@@ -193,7 +193,7 @@ class ResNet(nn.Module):
             reduces by 4.
         connectivity: wiring of the blocks inside each stage: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of that connectivity (the same for every stage).
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth, rising linearly to this over all blocks (residual
             branches only).
@@ -211,7 +211,7 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:

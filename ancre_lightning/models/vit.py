@@ -17,7 +17,7 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed, build_sincos2d_pos
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
         pos_embed: ``"sincos"`` (fixed 2-D sin-cos table, a buffer) or ``"learned"``.
         connectivity: wiring of the blocks: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         drop_rate: dropout after the position embedding, in the blocks and before the head.
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, rising linearly to this over the blocks (residual
@@ -157,7 +157,7 @@ class VisionTransformer(nn.Module):
         pos_embed: PosEmbed = "sincos",
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,

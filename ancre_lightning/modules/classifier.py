@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from ..models import MLPMixer, ResNet, VisionTransformer
 from .base import CompileMode, ConnectivityModule
@@ -104,7 +105,8 @@ class ClassifierModule(ConnectivityModule):
         connectivity: how the blocks are wired: residual, ancre, acn (Auto-Compressing: blocks
             without inner residual), denseformer or fixed.
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01}`` for ancre.
-        aggregation: implementation of the weighted merge of states: loop or fused.
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         drop_rate: dropout (vit: after positions, in the blocks and before the head; mixer: in
             the MLPs and before the head; resnet: before the head).
         drop_path_rate: stochastic depth, rising linearly over the blocks to this value (only
@@ -149,7 +151,7 @@ class ClassifierModule(ConnectivityModule):
         stem_stride: int = 1,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         label_smoothing: float = 0.1,

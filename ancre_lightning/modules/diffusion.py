@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from ..models.dit import DiT
 from .base import CompileMode, ConnectivityModule
@@ -112,7 +113,8 @@ class DiffusionModule(ConnectivityModule):
             enables classifier-free guidance (0 turns guidance off).
         connectivity: how the blocks are wired: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01, normalization: incoming}``.
-        aggregation: implementation of the weighted merge of states: loop or fused.
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         prediction_type: what the network predicts: ``epsilon`` (the noise) or ``v_prediction``.
         num_train_timesteps: diffusion steps T of the forward process.
         beta_schedule: noise schedule: linear (DDPM / DiT), scaled_linear or squaredcos_cap_v2 (cosine).
@@ -160,7 +162,7 @@ class DiffusionModule(ConnectivityModule):
         class_dropout: float = 0.1,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         num_train_timesteps: int = 1000,
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",

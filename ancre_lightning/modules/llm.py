@@ -13,6 +13,7 @@ from torchmetrics.text import Perplexity
 
 from ..models import CausalLM
 from .base import CompileMode, ConnectivityModule
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 
 
@@ -32,7 +33,8 @@ class LLMModule(ConnectivityModule):
         connectivity: how the blocks are wired: residual, ancre, acn, denseformer or fixed.
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01, normalization: incoming}``
             for ancre, ``{dilation: 1, period: 1}`` for denseformer, ``{edges: ["0:2"]}`` for fixed.
-        aggregation: implementation of the weighted merge of states: loop or fused (torch.compile kernel).
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         dropout: attention dropout.
         tie_embeddings: share the token embedding with the LM head.
         lr: peak learning rate of AdamW.
@@ -56,7 +58,7 @@ class LLMModule(ConnectivityModule):
         max_seq_len: int = 256,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         dropout: float = 0.0,
         tie_embeddings: bool = False,
         lr: float = 1e-3,
