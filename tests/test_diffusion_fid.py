@@ -203,3 +203,19 @@ def test_validation_fid_and_kid_equal_the_sample_command_on_the_same_images(tmp_
     assert reference["n_fake"] == reference["n_real"] == n
     assert val_fid == pytest.approx(reference["fid"], rel=1e-3)
     assert val_kid == pytest.approx(reference["kid_mean"], rel=1e-3, abs=1e-4)
+
+
+def test_fid_samples_are_split_over_the_processes_and_bad_counts_refused():
+    from types import SimpleNamespace
+
+    from ancre_lightning.modules import DiffusionModule
+
+    shares = [
+        DiffusionModule._fid_share(SimpleNamespace(hparams=SimpleNamespace(fid_num_samples=10),
+                                                   trainer=SimpleNamespace(world_size=3, global_rank=rank)))
+        for rank in range(3)
+    ]
+    assert shares == [(4, 0), (3, 4), (3, 7)]  # every image once; labels continue across processes
+    for bad in (1, -2):
+        with pytest.raises(UserInputError, match="fid_num_samples"):
+            DiffusionModule(dim=32, n_heads=2, n_layers=2, fid_num_samples=bad)
