@@ -74,9 +74,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``torch.save`` streams into ``.ckpt-XXXX.partial`` in the target's folder through
     :func:`~ancre_lightning.atomic.atomic_write`: the file is flushed and fsynced, then
     ``os.replace`` renames it over the target (atomic on POSIX and Windows within one file system)
-    and the folder is fsynced. It gets the permissions of an ordinary file (umask applied by the
-    kernel, so it is safe in Lightning's asynchronous checkpoint thread). A crash before the rename leaves the previous
-    checkpoint untouched (and at most one hidden ``.partial`` file); after it, the new one is whole.
+    and the folder is fsynced. It gets the permissions of an ordinary file (the kernel applies the
+    umask, so it is safe in Lightning's asynchronous checkpoint thread). A crash before the rename
+    leaves the previous checkpoint untouched (and at most one hidden ``.partial`` file); after it,
+    the new one is whole.
     Unlike Lightning's default writer it needs no second in-memory copy of the checkpoint and no
     temporary file in the system temp folder. Remote paths (``s3://`` ...) use the default writer.
     Reading is unchanged.
@@ -108,7 +109,7 @@ def use_atomic_checkpoints(trainer: Trainer) -> None:
     while isinstance(io, _WrappingCheckpointIO):
         inner = io.checkpoint_io
         if type(inner) is TorchCheckpointIO:
-            io._checkpoint_io = AtomicCheckpointIO()  # the public setter keeps a configured inner writer
+            io._checkpoint_io = AtomicCheckpointIO()  # the setter keeps a filled-in writer (tests/test_atomic.py)
             return
         io = inner
 
