@@ -36,11 +36,12 @@ every state across all the merges that read it), which an opaque call would prev
 The default, ``impl="auto"`` (:data:`DEFAULT_AGGREGATION`), takes the fused kernel where it pays and
 the loop elsewhere: fused for states of at least :data:`AUTO_FUSED_MIN_NUMEL` elements. Compiling
 costs about 1-4 s per arity on a 2-core CPU (2..K+1 arities, again for each new shape and for
-no-grad calls), which large states repay in a few hundred steps (a 12-block ANCRe stack at
-(8, 256, 512) float32, forward + backward, runs 1.4-2x faster than the official accumulate loop,
-``python -m ancre_lightning.bench aggregation``), while small ones never do: at the CPU
-quickstart's (16, 128, 128) a training step takes as long either way (146 and 148 ms) and the
-compilation adds about 12 s; tiny test models would spend most of their time compiling.
+no-grad calls), which large states repay within some hundreds of steps (a 12-block ANCRe stack
+at (8, 256, 512) float32, forward + backward, ran 1.1-1.7x faster than the official accumulate
+loop on a loaded 2-core CPU, about 40 ms per step saved; ``python -m ancre_lightning.bench
+aggregation``, BENCHMARKS.md), while small ones never do: at the CPU quickstart's (16, 128, 128) a
+training step takes as long either way (146 and 148 ms) and the compilation adds about 12 s; tiny
+test models would spend most of their time compiling.
 """
 
 from __future__ import annotations
