@@ -376,6 +376,11 @@ class DiffusionModule(ConnectivityModule):
         """torchmetrics' ``(FrechetInceptionDistance, KernelInceptionDistance)`` sharing one
         :class:`~ancre_lightning.metrics.InceptionFeatures`, on this module's device."""
         if self._fid_metrics is None:
+            if self._trainer is not None and self.hparams.fid_num_samples < self.trainer.world_size:
+                raise UserInputError(
+                    f"fid_num_samples={self.hparams.fid_num_samples} is fewer than the {self.trainer.world_size} "
+                    "processes; every process needs at least one image"
+                )
             from torchmetrics.image.fid import FrechetInceptionDistance
             from torchmetrics.image.kid import KernelInceptionDistance
 
