@@ -1,10 +1,11 @@
 """Exact resume and crash-safe checkpoints, wired into the ``ancre`` CLI for every config.
 
-- :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the same folder, fsyncs
-  it, renames it over the target with ``os.replace`` and fsyncs the folder: a process killed at
-  any moment (SIGKILL, power loss after the rename) leaves either the previous complete file or
-  the new complete file, never a torn one. :func:`use_atomic_checkpoints` makes it a trainer's
-  checkpoint writer unless the user chose another plugin.
+- :class:`AtomicCheckpointIO` writes a checkpoint with :func:`ancre_lightning.atomic.atomic_write`
+  (a temporary file in the same folder, fsynced, renamed over the target, the folder fsynced): a
+  process killed at any moment (SIGKILL, power loss after the rename) leaves either the previous
+  complete file or the new complete file, never a torn one. :func:`use_atomic_checkpoints` makes
+  it a trainer's checkpoint writer (also under Lightning's ``AsyncCheckpointIO``) unless the user
+  chose another plugin.
 - :class:`ResumeStateCallback` (LightningCLI's ``SaveConfigCallback`` plus two things) stores in
   every checkpoint the resolved config of the run and the random-generator states of every rank
   (torch, CUDA, numpy, python), and puts the generators back when a fit resumes. Validation runs
@@ -24,7 +25,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .atomic import PARTIAL_SUFFIX, atomic_write
 from .errors import UserInputError
 
 __all__ = [
@@ -58,7 +60,7 @@ __all__ = [
 #: Key of the checkpoint entry that holds the run's config: ``{"subcommand": ..., "config": yaml}``.
 CONFIG_KEY = "ancre_config"
 #: Temporary files of :class:`AtomicCheckpointIO` (never match ``last*.ckpt``, which ``last`` looks for).
-PARTIAL_PREFIX, PARTIAL_SUFFIX = ".ckpt-", ".partial"
+PARTIAL_PREFIX = ".ckpt-"
 _LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -66,33 +68,16 @@ _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # --------------------------------------------------------------------------- atomic writes
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint writer that never leaves a half-written checkpoint behind.
 
-    ``torch.save`` streams into ``.ckpt-XXXX.partial`` in the target's folder; the file is flushed
-    and fsynced, then ``os.replace`` renames it over the target (atomic on POSIX and Windows within
-    one file system) and the folder is fsynced. A crash before the rename leaves the previous
-    checkpoint untouched (and at most one hidden ``.partial`` file); after it, the new one is whole.
+    ``torch.save`` streams into ``.ckpt-XXXX.partial`` in the target's folder through
+    :func:`~ancre_lightning.atomic.atomic_write`: the file is flushed and fsynced, then
+    ``os.replace`` renames it over the target (atomic on POSIX and Windows within one file system)
+    and the folder is fsynced. It gets the permissions of an ordinary file (the kernel applies the
+    umask, so it is safe in Lightning's asynchronous checkpoint thread). A crash before the rename
+    leaves the previous checkpoint untouched (and at most one hidden ``.partial`` file); after it,
+    the new one is whole.
     Unlike Lightning's default writer it needs no second in-memory copy of the checkpoint and no
     temporary file in the system temp folder. Remote paths (``s3://`` ...) use the default writer.
     Reading is unchanged.
@@ -104,28 +89,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         if not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _file_mode())  # mkstemp creates 0600; checkpoints are ordinary files
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        with atomic_write(path, prefix=PARTIAL_PREFIX) as f:
+            torch.save(checkpoint, f)
 
 
 def use_atomic_checkpoints(trainer: Trainer) -> None:
     """Make :class:`AtomicCheckpointIO` the trainer's checkpoint writer, unless a plugin other than
-    Lightning's default ``TorchCheckpointIO`` was configured (that choice is kept)."""
+    Lightning's default ``TorchCheckpointIO`` was configured (that choice is kept).
+
+    A wrapping plugin such as ``AsyncCheckpointIO`` is kept and the writer it wraps is replaced
+    (Lightning fills an empty wrapper with its default ``TorchCheckpointIO``, which does not fsync):
+    the asynchronous thread then writes atomically too.
+    """
     strategy = trainer.strategy
-    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+    io = strategy.checkpoint_io  # Lightning's getter puts TorchCheckpointIO into an empty wrapper
+    if type(io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+        return
+    while isinstance(io, _WrappingCheckpointIO):
+        inner = io.checkpoint_io
+        if type(inner) is TorchCheckpointIO:
+            io._checkpoint_io = AtomicCheckpointIO()  # the setter keeps a filled-in writer (tests/test_atomic.py)
+            return
+        io = inner
 
 
 # --------------------------------------------------------------------------- random generators

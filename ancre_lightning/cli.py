@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ancre_lightning.checkpointing import (
@@ -26,7 +28,7 @@ from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short nam
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
-from ancre_lightning.callbacks import FiniteGuard
+from ancre_lightning.callbacks import FiniteGuard, LineProgressBar
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_options, options_parser
 from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
@@ -38,7 +40,10 @@ class AncreCLI(LightningCLI):
 
     A misspelt or mistyped option, or a ``--ckpt_path`` that is unreadable or belongs to another
     model, ends in one :class:`UserInputError` before anything is built or written; every trainer
-    gets a :class:`~ancre_lightning.callbacks.FiniteGuard` unless ``trainer.callbacks`` has one.
+    gets a :class:`~ancre_lightning.callbacks.FiniteGuard` unless ``trainer.callbacks`` has one,
+    and, when standard output is not a terminal, a
+    :class:`~ancre_lightning.callbacks.LineProgressBar` (plain lines instead of redrawn bars) unless
+    ``trainer.callbacks`` has a progress bar or ``trainer.enable_progress_bar`` is false.
 
     Resuming (``ancre_lightning/checkpointing.py``): ``--ckpt_path last`` is the newest
     ``last.ckpt`` of the run named by the config's logger, and the run keeps logging into that
@@ -108,7 +113,11 @@ class AncreCLI(LightningCLI):
         callbacks = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks"))
         callbacks = list(callbacks or []) if isinstance(callbacks, (list, tuple, type(None))) else [callbacks]
         if not any(isinstance(c, FiniteGuard) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, FiniteGuard()]
+            callbacks = [*callbacks, FiniteGuard()]
+        progress = kwargs.get("enable_progress_bar", self._get(self.config_init, "trainer", default={}).get("enable_progress_bar"))
+        if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars
+        kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)  # checkpoints are written to a temporary file, fsynced, then renamed
         return trainer
@@ -140,8 +149,24 @@ class ConnectivityHelp(argparse.Action):
         sys.exit(0)
 
 
+class _NoAdvertTips(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger / litmodels" lines, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
+def silence_lightning_tips() -> None:
+    """Install :class:`_NoAdvertTips` on the logger Lightning's ``rank_zero_info`` writes to (once)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertTips) for f in logger.filters):
+        logger.addFilter(_NoAdvertTips())
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
     """Parse ``args`` (``None``: sys.argv), build model, data and trainer, and run the subcommand."""
+    silence_lightning_tips()
     return AncreCLI(
         ConnectivityModule,
         LightningDataModule,

@@ -8,6 +8,8 @@
 - :class:`FiniteGuard`: stop at the first NaN or inf in the loss, gate logits or gradients, keep
   the saved checkpoints and write the failing state to ``nonfinite-step<N>.ckpt`` (on by default
   in ``ancre fit``).
+- :class:`LineProgressBar`: progress as a plain line every so many steps and after each
+  validation (what ``ancre`` uses when its output is not a terminal).
 
 They work with any :class:`~ancre_lightning.modules.ConnectivityModule` through its public
 surface only (``connectivities()``, ``exit_predictions``, ``exit_metrics``, ``exit_task``,
@@ -24,6 +26,7 @@ per-wiring tags carry the stack name: ``gates/<stack>/...``.
 from ._surface import row_entropy
 from .early_exit import EarlyExitEvaluation, confidence_exit, cutoff_layer, predictive_entropy
 from .finite_guard import FiniteGuard
+from .progress import LineProgressBar
 from .sparsity import GateSparsity, shortcut_penalty
 from .temperature import GateTemperatureAnnealing, annealed_temperature
 from .visualization import GateVisualization
@@ -34,6 +37,7 @@ __all__ = [
     "GateSparsity",
     "GateTemperatureAnnealing",
     "GateVisualization",
+    "LineProgressBar",
     "annealed_temperature",
     "confidence_exit",
     "cutoff_layer",

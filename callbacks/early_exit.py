@@ -75,8 +75,11 @@ class EarlyExitEvaluation(Callback):
     (``pl_module.exit_predictions``) and the domain's metrics computed (``pl_module.exit_metrics``:
     loss and perplexity for an LLM, accuracy for a classifier, denoising loss for diffusion) on
     the first ``max_batches`` validation batches (the forward is recomputed, so keep it small).
-    Metrics are averaged over batches weighted by the number of predictions (for a ratio such as
-    perplexity this is the mean of per-batch values). Logged, at the validation's step:
+    Metrics are averaged over batches weighted by the number of predictions. A metric that is a
+    function of another one's mean is computed from that mean instead of averaged: the module
+    names them in ``exit_derived_metrics`` (the LLM's ``ppl`` is ``exp`` of the mean ``loss``,
+    as ``val/ppl`` is, so the full-depth exit matches ``val/ppl`` on the same batches). Logged,
+    at the validation's step:
 
     - ``early_exit/<metric>_exit<k>``: scalars, to every logger,
     - ``early_exit/cutoff_layer``: the earliest exit whose primary metric
@@ -245,6 +248,7 @@ class EarlyExitEvaluation(Callback):
                 f"EarlyExitEvaluation: exit_primary_metric {primary!r} is not among the metrics of "
                 f"{type(pl_module).__name__}.exit_metrics ({names})"
             )
+        exit_means = self.derive(pl_module, exit_means)
         num_blocks = exit_means.shape[0] - 1
         per_exit = {name: exit_means[:, m].tolist() for m, name in enumerate(names)}
         results: dict[str, Any] = {
@@ -258,6 +262,7 @@ class EarlyExitEvaluation(Callback):
         }
         if sweep is not None:
             thresholds, sweep_means, mean_depth = sweep
+            sweep_means = self.derive(pl_module, sweep_means)
             for t, row, depth in zip(thresholds.tolist(), sweep_means.tolist(), mean_depth.tolist()):
                 results["sweep"].append({
                     "threshold": t,
@@ -266,6 +271,18 @@ class EarlyExitEvaluation(Callback):
                     **dict(zip(names, row)),
                 })
         return results
+
+    def derive(self, pl_module: L.LightningModule, means: Tensor) -> Tensor:
+        """``means`` (R, M) with every metric of ``pl_module.exit_derived_metrics`` (``name ->
+        (source, fn)``) recomputed as ``fn`` of the mean of ``source`` (e.g. perplexity = exp of the
+        mean loss, not the mean of per-batch perplexities, which is larger by Jensen's inequality)."""
+        names = list(self._names or [])
+        derived = getattr(pl_module, "exit_derived_metrics", None) or {}
+        means = means.clone()
+        for name, (source, fn) in derived.items():
+            if name in names and source in names:
+                means[:, names.index(name)] = fn(means[:, names.index(source)])
+        return means
 
     def write(self, trainer: L.Trainer, results: dict[str, Any], step: int) -> None:
         """Scalars to every logger, figures and tables to TensorBoard and (``save_files``) to the log dir."""

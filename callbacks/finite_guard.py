@@ -22,7 +22,6 @@ of the checkpoint callbacks is switched off for this error.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from ancre_lightning.atomic import atomic_write
 from ancre_lightning.errors import NONFINITE_MARKER, NonFiniteError, UserInputError
 
 
@@ -187,15 +187,12 @@ class FiniteGuard(Callback):
         }
         if self.save_optimizer_state:
             state["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as f:
+                torch.save(state, f)
             return True
         except Exception as exc:  # the error about the NaN matters more than the diagnosis file
             rank_zero_warn(f"FiniteGuard: could not write {path}: {exc}")
-            tmp.unlink(missing_ok=True)
             return False
 
 

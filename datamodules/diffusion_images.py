@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Literal
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ..atomic import atomic_write
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
 from .images import (
@@ -98,16 +97,8 @@ def _emoji_arrays(size: int, cache_dir: str | None) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
     arrays = _decode_emoji(read_member(fetch("noto-emoji", cache_dir=cache_dir), _EMOJI_MEMBER), size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
     log.info("decoded %d emoji into %s", sum(len(arrays[k]) for k in ("train_images", "test_images")), path)
     return arrays
 

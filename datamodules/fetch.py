@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..atomic import atomic_write_bytes
+
 __all__ = [
     "ARTIFACTS",
     "ArtifactKind",
@@ -581,20 +583,7 @@ def extract_member(
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    data = read_member(archive_path, member_suffix)
-    fd, tmp = tempfile.mkstemp(prefix=".extract-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return dest
+    return atomic_write_bytes(dest, read_member(archive_path, member_suffix))
 
 
 # --------------------------------------------------------------------------- CLI

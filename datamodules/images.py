@@ -21,7 +21,6 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import atomic_write
 from ..errors import UserInputError
 from .fetch import ARTIFACTS, default_cache_dir, fetch, read_member
 from .resumable import default_seed, evaluation_loader, resumable_train_loader
@@ -806,14 +806,5 @@ def _check_arrays(arrays: dict[str, np.ndarray], name: str) -> None:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, np.ascontiguousarray(array))

@@ -12,8 +12,6 @@ so a second run starts instantly.
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .fetch import ARTIFACTS, default_cache_dir, fetch, iter_members, read_member
 from .resumable import evaluation_loader, resumable_train_loader
+from ..atomic import atomic_write, atomic_write_bytes
 from ..errors import UserInputError
 
 __all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule"]
@@ -347,7 +346,7 @@ class TextDataModule(L.LightningDataModule):
         paths["train"].parent.mkdir(parents=True, exist_ok=True)
         _atomic_save_npy(paths["train"], train)
         _atomic_save_npy(paths["val"], val)
-        _atomic_write(paths["keys"], json.dumps(split, ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(paths["keys"], json.dumps(split, ensure_ascii=False).encode("utf-8"))
         log.info("tokenised %s: %d train / %d val tokens -> %s", self.source_name, train.size, val.size, paths["train"].parent)
 
     def _ensure_cache(self) -> dict[str, Path]:
@@ -427,31 +426,6 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, train=False)
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; cache files are shared like normal files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=np.uint16))
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, np.ascontiguousarray(array, dtype=np.uint16))

@@ -109,6 +109,45 @@ def test_exhausted_recompile_limit_falls_back_to_the_loop():
             torch.testing.assert_close(weighted_sum(sources, weights, "fused"), weighted_sum_loop(sources, weights))
 
 
+def test_auto_fuses_large_states_only(monkeypatch):
+    """The default, ``auto``: the compiled kernel from AUTO_FUSED_MIN_NUMEL elements on, the loop below."""
+    from ancre_lightning.connectivity import aggregation
+
+    compiled = []
+    real = aggregation.compiled_for_arity
+
+    def record(n, *args):
+        compiled.append(n)
+        return real(n, *args)
+
+    monkeypatch.setattr(aggregation, "compiled_for_arity", record)
+    monkeypatch.setattr(aggregation, "AUTO_FUSED_MIN_NUMEL", 64)
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(3, generator=gen)
+    small = [torch.randn(4, 8, generator=gen) for _ in range(3)]  # 32 elements
+    large = [torch.randn(8, 8, generator=gen) for _ in range(3)]  # 64 elements
+    torch.testing.assert_close(weighted_sum(small, weights), weighted_sum_loop(small, weights))
+    assert compiled == []
+    torch.testing.assert_close(weighted_sum(large, weights), weighted_sum_loop(large, weights))
+    assert compiled == [3]
+    assert aggregation.resolve_aggregation("loop", large[0]) == "loop"
+    assert aggregation.resolve_aggregation("fused", small[0]) == "fused"
+
+
+def test_every_model_and_module_defaults_to_the_shared_default():
+    import inspect
+
+    from ancre_lightning.connectivity import ConnectedStack
+    from ancre_lightning.connectivity.aggregation import DEFAULT_AGGREGATION
+    from ancre_lightning.models import DiT, MLPMixer, ResNet, VisionTransformer
+    from ancre_lightning.models.llama import CausalLM
+    from ancre_lightning.modules import ClassifierModule, DiffusionModule
+
+    assert DEFAULT_AGGREGATION == "auto"
+    for cls in (ConnectedStack, CausalLM, DiT, MLPMixer, ResNet, VisionTransformer, LLMModule, ClassifierModule, DiffusionModule):
+        assert inspect.signature(cls).parameters["aggregation"].default == DEFAULT_AGGREGATION, cls
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="loop"):
         weighted_sum([torch.ones(2), torch.ones(2)], torch.ones(2), impl="unrolled")

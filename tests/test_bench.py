@@ -64,6 +64,12 @@ def test_aggregation_fields(doc):
         assert r["median_s"] > 0 and r["impl_bytes"] >= r["needed_bytes"]
         assert r["ratio_to_ceiling"] == pytest.approx(r["gbps"] / r["ceiling_gbps"])
     assert all(rows[k, d, "loop"]["speedup_vs_loop"] == pytest.approx(1.0) for k in ks for d in ("forward", "forward+backward"))
+    stack = {r["impl"]: r for r in result["stack_rows"]}  # the whole stack against the official loop
+    assert list(stack) == ["official", "loop", "fused"] and result["settings"]["stack_blocks"] == 3
+    assert stack["official"]["speedup_vs_official"] == pytest.approx(1.0)
+    for r in stack.values():
+        assert r["blocks"] == 3 and r["median_s"] > 0
+        assert r["speedup_vs_official"] == pytest.approx(stack["official"]["median_s"] / r["median_s"])
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 512), (3, 16, 8, 8), (700,)])
@@ -93,6 +99,27 @@ def test_bf16_true_benchmark_model_stores_bfloat16_states_and_float32_gates():
     before = module.connectivity.gate_logits.detach().clone()
     train_step_fn(module, optimizer, random_batch(shape, device), device, shape["precision"])()
     assert not torch.equal(module.connectivity.gate_logits.detach(), before)
+
+
+def test_official_ancre_stack_is_the_stack_with_the_same_weights():
+    """The whole-stack baseline computes what the ConnectedStack computes, so the timing compares like with like."""
+    from ancre_lightning.bench.aggregation import TanhBlock, official_ancre_stack
+    from ancre_lightning.connectivity import ConnectedStack, build_connectivity
+
+    torch.manual_seed(0)
+    k = 4
+    wiring = build_connectivity("ancre", num_layers=k, tau=0.5)
+    with torch.no_grad():
+        for p in wiring.gate_parameters():
+            p.normal_()
+    stack = ConnectedStack([TanhBlock() for _ in range(k)], wiring, "loop")
+    logits = torch.full((k, k), float("-inf"))
+    p = wiring.coefficients()  # (K, K+1): column j+1 is the block output's weight (1 for ANCRe)
+    assert torch.allclose(p[:, 1:].diagonal(), torch.ones(k))
+    rows, cols = torch.tril_indices(k, k)
+    logits[rows, cols] = p[rows, cols].log() * 0.5  # softmax(log p / 2 / 0.5) = p
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(official_ancre_stack(stack.blocks, logits, 0.5, x), stack(x))
 
 
 def test_aggregation_byte_model():
@@ -151,3 +178,29 @@ def test_bad_arguments_are_explained():
         main(["step", "--set", "reps=3"])
     with pytest.raises(SystemExit, match="options: .*reps"):
         main(["step", "--set", "step.repz=3"])
+
+
+def test_memory_on_cpu_says_so_when_the_private_profiler_api_changes(monkeypatch):
+    """``peak_bytes`` on CPU reads ``prof.profiler.kineto_results``; a torch without it must give a
+    clear error, not a traceback from deep inside or a peak of 0."""
+    from ancre_lightning.bench import memory
+
+    buffers = []
+    step = lambda: buffers.append(torch.ones(1 << 16))  # noqa: E731  (256 KiB)
+    assert memory.peak_bytes(step, torch.device("cpu")) >= 1 << 18  # the API as it is today
+
+    class Renamed:
+        def __init__(self, results):
+            self.renamed_results = results
+
+    real = torch.profiler.profile
+
+    class ChangedProfile(real):
+        def __exit__(self, *exc):
+            out = super().__exit__(*exc)
+            self.profiler = Renamed(self.profiler.kineto_results)
+            return out
+
+    monkeypatch.setattr(torch.profiler, "profile", ChangedProfile)
+    with pytest.raises(RuntimeError, match="private profiler API.*kineto_results"):
+        memory.peak_bytes(step, torch.device("cpu"))

@@ -319,25 +319,44 @@ def test_heatmap_and_exit_figures_are_in_the_tensorboard_event_file(tmp_path):
 # --------------------------------------------------------------------------- early exits
 
 
+
+def test_full_depth_exit_perplexity_matches_val_ppl(tmp_path):
+    """Perplexity is exp of the mean loss over all tokens (Jensen: a mean of per-batch perplexities
+    is larger), so on the same validation batches the full-depth exit reports ``val/ppl``."""
+    model, data = tiny_llm("ancre"), text_data()
+    with torch.no_grad():  # confident random logits: losses far from log(V) that differ between batches
+        model.net.head.weight.mul_(20)
+    evaluation = EarlyExitEvaluation(max_batches=3)
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=3, callbacks=[evaluation], default_root_dir=tmp_path)
+    t.validate(model, data)
+    results = evaluation.results
+    val_ppl = float(t.callback_metrics["val/ppl"])
+    assert results["per_exit"]["ppl"][-1] == pytest.approx(val_ppl, rel=1e-5)
+    for loss, ppl in zip(results["per_exit"]["loss"], results["per_exit"]["ppl"]):
+        assert ppl == pytest.approx(math.exp(loss), rel=1e-6)
+    for row in results["sweep"]:
+        assert row["ppl"] == pytest.approx(math.exp(row["loss"]), rel=1e-6)
+
 def test_acn_last_exit_metric_equals_the_full_network(tmp_path):
     model, data = tiny_llm("acn"), text_data()
     evaluation = EarlyExitEvaluation(max_batches=2)
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               limit_val_batches=3, callbacks=[evaluation], default_root_dir=tmp_path).validate(model, data)
 
-    total, total_ppl, count = 0.0, 0.0, 0  # the full network, through the module's own forward
+    total, count = 0.0, 0  # the full network, through the module's own forward
     with torch.no_grad():
         for i, batch in enumerate(data.val_dataloader()):
             if i == 2:
                 break
             n = batch["labels"].numel()
             loss = float(model.lm_loss(model(batch["input_ids"]), batch["labels"]))
-            total, total_ppl, count = total + loss * n, total_ppl + math.exp(loss) * n, count + n
+            total, count = total + loss * n, count + n
     results = evaluation.results
     losses = results["per_exit"]["loss"]
     assert len(losses) == 4 and results["num_blocks"] == 3
     assert losses[-1] == pytest.approx(total / count, rel=1e-6)
-    assert results["per_exit"]["ppl"][-1] == pytest.approx(total_ppl / count, rel=1e-6)  # per-batch values, averaged
+    assert results["per_exit"]["ppl"][-1] == pytest.approx(math.exp(total / count), rel=1e-6)  # exp of the mean loss
     # threshold 0: nothing is confident, every token runs the full network
     assert results["sweep"][0]["threshold"] == 0.0 and results["sweep"][0]["mean_depth"] == 3.0
     assert results["sweep"][0]["loss"] == pytest.approx(losses[-1], rel=1e-6)

@@ -43,6 +43,39 @@ def test_every_llm_config_trains_two_steps(config, tmp_path):
     assert list(Path(tmp_path, "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
+def scalar_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_learning_rates_come_from_the_monitor_for_every_group(tmp_path):
+    """One source of learning rates: the config's LearningRateMonitor, which logs every parameter
+    group (the gates' own group too); the module no longer logs train/lr for the first group."""
+    build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), *SMALL_DATA,
+               "--trainer.log_every_n_steps=1"])
+    tags = scalar_tags(tmp_path / "logs")
+    assert "train/loss" in tags and "train/lr" not in tags
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay", "lr-AdamW/gates"} <= tags, sorted(tags)
+
+
+def test_every_shipped_training_config_has_a_learning_rate_monitor():
+    import yaml
+
+    configs = [*CONFIGS.glob("llm/*.yaml"), *CONFIGS.glob("classifier/*.yaml"), *CONFIGS.glob("diffusion/*.yaml"),
+               *(ROOT / "experiments" / "configs").glob("*.yaml")]
+    assert len(configs) > 20
+    for path in configs:
+        callbacks = yaml.safe_load(path.read_text())["trainer"].get("callbacks") or []
+        names = [c["class_path"] for c in callbacks]
+        assert "lightning.pytorch.callbacks.LearningRateMonitor" in names, path
+
+
 def test_experiment_llm_config_trains_two_steps(tmp_path):
     """The config of experiments/llm_compare.py works as shipped (the driver adds seeds and paths)."""
     config = ROOT / "experiments" / "configs" / "llm_compare.yaml"

@@ -10,6 +10,7 @@ image on 2 cores), so the default tests use a few dozen images; the 200-image ch
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,94 @@ def test_fid_at_200_images_separates_the_data_sets():
     other = compute_fid_kid(mnist[:200], train, **options)
     assert same["fid"] < 0.5 * other["fid"], (same, other)  # measured: 64 vs 213
     assert abs(same["kid_mean"]) < 0.02 < 0.1 < other["kid_mean"]
+
+
+# --------------------------------------------------------------------------- torchmetrics, at validation
+
+
+def test_torch_fidelity_extractor_alone_does_not_fit_torchmetrics_the_adapter_does():
+    """torch-fidelity extractors return a tuple; torchmetrics reads ``.dtype`` on the result."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ancre_lightning.metrics import InceptionFeatures
+
+    calls = []
+
+    class Fake(torch.nn.Module):  # stands for FIDInceptionV3: same call convention, no network
+        def forward(self, images):
+            calls.append(images)
+            return (images.flatten(1).float()[:, :FEATURES],)
+
+    FEATURES = 8
+    images = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8)
+    bare = Fake()
+    bare.num_features = FEATURES
+    with pytest.raises(AttributeError, match="dtype"):
+        FrechetInceptionDistance(feature=bare).update(images, real=True)
+    adapter = InceptionFeatures(Fake())
+    adapter.num_features = FEATURES
+    fid = FrechetInceptionDistance(feature=adapter)
+    calls.clear()
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert len(calls) == 1  # the same unchanged tensor twice: the network runs once
+    assert abs(float(fid.compute())) < 1e-3
+    images.add_(1)  # changed in place: computed again
+    fid.update(images, real=False)
+    assert len(calls) == 2
+
+
+def test_validation_fid_and_kid_equal_the_sample_command_on_the_same_images(tmp_path):
+    """``fid_num_samples`` at validation (torchmetrics through InceptionFeatures) against
+    ``python -m ancre_lightning.sample --fid`` (torch-fidelity) on the same 16 generated and 16
+    real images: the same checkpoint, seed, labels and sampler, the real images as a PNG folder."""
+    import json
+
+    from torchvision.utils import save_image
+
+    from ancre_lightning.cli import build_cli
+    from ancre_lightning.sample import main as sample_main
+    from conftest import CONFIGS, tiny_run_args
+
+    n = 16
+    cli = build_cli([
+        "fit", "--config", str(CONFIGS / "diffusion" / "fmnist_ancre.yaml"), *tiny_run_args(tmp_path, 1),
+        "--model.init_args.dim=32", "--model.init_args.n_heads=2", "--model.init_args.n_layers=2",
+        "--model.init_args.sample_steps=2", f"--model.init_args.fid_num_samples={n}",
+        "--data.init_args.batch_size=8", "--data.init_args.max_train_samples=16", f"--data.init_args.max_val_samples={n}",
+    ])
+    metrics = cli.trainer.callback_metrics
+    val_fid, val_kid = float(metrics["val/fid"]), float(metrics["val/kid"])
+    assert val_fid > 0
+    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any("inception" in k or "extractor" in k for k in ckpt["state_dict"])  # no Inception weights saved
+
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    real = torch.cat([cli.model.unpack(batch)[0] for batch in cli.datamodule.val_dataloader()])[:n]  # validation's order
+    for i, image in enumerate(to_uint8(real)):
+        save_image(image.float() / 255.0, real_dir / f"{i:03d}.png")
+    out = tmp_path / "samples"
+    assert sample_main(["--ckpt", str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"), "--out", str(out),
+                        "--n", str(n), "--seed", "1234", "--batch-size", str(n), "--no-grid", "--device", "cpu",
+                        "--fid", "--fid-ref", str(real_dir)]) == 0
+    reference = json.loads((out / "metrics.json").read_text())
+    assert reference["n_fake"] == reference["n_real"] == n
+    assert val_fid == pytest.approx(reference["fid"], rel=1e-3)
+    assert val_kid == pytest.approx(reference["kid_mean"], rel=1e-3, abs=1e-4)
+
+
+def test_fid_samples_are_split_over_the_processes_and_bad_counts_refused():
+    from types import SimpleNamespace
+
+    from ancre_lightning.modules import DiffusionModule
+
+    shares = [
+        DiffusionModule._fid_share(SimpleNamespace(hparams=SimpleNamespace(fid_num_samples=10),
+                                                   trainer=SimpleNamespace(world_size=3, global_rank=rank)))
+        for rank in range(3)
+    ]
+    assert shares == [(4, 0), (3, 4), (3, 7)]  # every image once; labels continue across processes
+    for bad in (1, -2):
+        with pytest.raises(UserInputError, match="fid_num_samples"):
+            DiffusionModule(dim=32, n_heads=2, n_layers=2, fid_num_samples=bad)

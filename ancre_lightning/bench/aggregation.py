@@ -26,6 +26,14 @@ stacked         (3k+1) N s            (5k+3) N s
 
 ``GB/s`` is the *needed* bytes over the time, so the implementations compare on one scale and the
 ratio to the ceiling says how close each gets to reading memory at full speed.
+
+The whole stack (``stack_rows``, ``stack_blocks`` blocks, default 12): forward + backward of an
+ANCRe :class:`~ancre_lightning.connectivity.ConnectedStack` on one state of ``shape``, every merge
+of arity 2..K+1 in turn, with cheap blocks (``u = a_j * tanh(h)``, a learned scalar ``a_j``) so
+that the merges dominate, timed against the official repository's accumulate loop
+(:func:`official_ancre_stack`: softmax of each row, then ``h = h + p * past`` one state at a
+time), in the same interleaved rounds. Rows: ``official``, ``loop`` and ``fused`` (the stack with
+each ``aggregation``), with ``speedup_vs_official``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..connectivity import ConnectedStack, build_connectivity
 from ..connectivity.aggregation import (
     compiled_for_arity,
     weighted_sum,
@@ -51,11 +60,82 @@ DIRECTIONS = ("forward", "forward+backward")
 
 #: The issue's benchmark: a (8, 256, 512) float32 state, k in {4, 12, 24}.
 #: ``impls: None`` = loop, stacked, fused, and on a GPU also fused-rows.
+#: ``stack_blocks``: blocks of the whole-stack comparison (0 skips it).
 FULL: dict[str, Any] = {"shape": (8, 256, 512), "ks": (4, 12, 24), "dtype": "float32", "reps": 20, "warmup": 3,
-                        "impls": None}
+                        "impls": None, "stack_blocks": 12}
 #: Seconds-long smoke run (tests).
 QUICK: dict[str, Any] = {"shape": (2, 8, 32), "ks": (2, 3), "dtype": "float32", "reps": 2, "warmup": 1,
-                         "impls": IMPLS}
+                         "impls": IMPLS, "stack_blocks": 3}
+STACK_IMPLS = ("official", "loop", "fused")
+
+
+class TanhBlock(torch.nn.Module):
+    """A cheap block for the whole-stack comparison: ``u = a * tanh(h)`` with a learned scalar ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.tanh(h)  # (..., D)
+
+
+def official_ancre_stack(blocks: Sequence[torch.nn.Module], logits: torch.Tensor, tau: float, x: torch.Tensor) -> torch.Tensor:
+    """The official repository's way of running an ANCRe stack: after block j, softmax over the
+    row's sources, then accumulate ``h = u_j + sum_{i<=j} p_ij h_i`` one saved state at a time.
+
+    Args:
+        blocks: the K blocks.
+        logits: (K, K) gate logits; row j uses its first j+1 entries.
+        tau: softmax temperature.
+        x: the embedding h_0 (..., D).
+    """
+    states = [x]
+    h = x
+    for j, block in enumerate(blocks):
+        out = block(h)  # (..., D)
+        p = torch.softmax(logits[j, : j + 1] / tau, dim=0)  # (j+1,)
+        for i, past in enumerate(states):
+            out = out + p[i] * past
+        states.append(out)
+        h = out
+    return h
+
+
+def stack_rows(device: torch.device, shape: Sequence[int], dtype: torch.dtype, num_blocks: int, reps: int,
+               warmup: int, inner: int) -> list[dict[str, Any]]:
+    """Forward + backward of a ``num_blocks`` ANCRe stack: the official loop, and the stack with each
+    aggregation, in interleaved rounds (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(*shape, generator=gen).to(device, dtype)
+    stacks = {}
+    for impl in ("loop", "fused"):
+        torch.manual_seed(0)
+        wiring = build_connectivity("ancre", num_layers=num_blocks, tau=1.0)
+        with torch.no_grad():
+            for p in wiring.gate_parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        stacks[impl] = ConnectedStack([TanhBlock() for _ in range(num_blocks)], wiring, impl).to(device)
+    blocks = torch.nn.ModuleList([TanhBlock() for _ in range(num_blocks)]).to(device)
+    logits = torch.randn(num_blocks, num_blocks, generator=gen).to(device).requires_grad_()
+    leaves = [x, logits, *blocks.parameters()]
+
+    def official() -> None:
+        torch.autograd.grad(official_ancre_stack(blocks, logits, 1.0, x), leaves, grad)
+
+    def of_stack(stack: ConnectedStack):
+        params = [x, *stack.parameters()]
+        return lambda: torch.autograd.grad(stack(x), params, grad)
+
+    fns = {"official": official, **{impl: of_stack(stack) for impl, stack in stacks.items()}}
+    times = interleaved_times(fns, device, reps=reps, warmup=warmup, inner=inner)
+    base = summarize(times["official"])["median_s"]
+    rows = []
+    for impl in STACK_IMPLS:
+        stats = summarize(times[impl])
+        rows.append({"blocks": num_blocks, "impl": impl, **stats, "speedup_vs_official": base / stats["median_s"]})
+    return rows
 
 
 def row_shape(shape: Sequence[int], min_row: int = 256) -> tuple[int, ...]:
@@ -138,6 +218,7 @@ def run(
     reps: int = FULL["reps"],
     warmup: int = FULL["warmup"],
     impls: Sequence[str] | None = FULL["impls"],
+    stack_blocks: int = FULL["stack_blocks"],
 ) -> dict[str, Any]:
     if impls is None:
         impls = IMPLS if device.type == "cuda" else IMPLS[:3]
@@ -212,6 +293,8 @@ def run(
         del states, leaves, grad
         gc.collect()
 
+    stack = stack_rows(device, shape, torch_dtype, stack_blocks, reps, warmup, inner) if stack_blocks else []
+
     targets = []
     pick = {(r["k"], r["direction"], r["impl"]): r for r in rows}
     if (12, "forward", "fused") in pick:
@@ -220,11 +303,16 @@ def run(
             target("forward k=12: fused speed-up over the loop", fused["speedup_vs_loop"], ">=", 3.0),
             target("forward k=12: fused share of the read-bound ceiling", fused["ratio_to_ceiling"], ">=", 0.8),
         ]
+    if stack_blocks == 12:
+        fused_stack = next(r for r in stack if r["impl"] == "fused")
+        targets.append(target("12-block stack forward+backward: fused speed-up over the official loop",
+                              fused_stack["speedup_vs_official"], ">=", 1.5))
     return {
         "settings": {"shape": list(shape), "ks": list(ks), "dtype": dtype, "reps": reps, "warmup": warmup,
-                     "inner": inner, "impls": list(impls), "device": str(device)},
+                     "inner": inner, "impls": list(impls), "device": str(device), "stack_blocks": stack_blocks},
         "kernels": structure,
         "rows": rows,
+        "stack_rows": stack,
         "targets": targets,
     }
 
@@ -250,6 +338,15 @@ def table(result: dict[str, Any]) -> str:
         rows,
     )
     out = head + "\n" + body
+    if result.get("stack_rows"):
+        out += (
+            f"\n\nwhole ANCRe stack of {s['stack_blocks']} blocks (u = a tanh(h)), forward+backward on one state of "
+            f"shape {tuple(s['shape'])}, against the official accumulate loop\n\n"
+        )
+        out += format_table(
+            ["blocks", "impl", "ms", "IQR/med", "x official"],
+            [(r["blocks"], r["impl"], r["median_s"] * 1e3, r["iqr_rel"], r["speedup_vs_official"]) for r in result["stack_rows"]],
+        )
     if result["targets"]:
         out += "\n\n" + targets_table(result["targets"])
     return out

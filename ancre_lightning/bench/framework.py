@@ -3,7 +3,7 @@
 ``ancre fit`` here is the real command path, :func:`ancre_lightning.cli.build_cli` with
 ``fit`` arguments (LightningCLI -> Trainer -> LLMModule + TextDataModule over the Wikipedia
 corpus), with the trainer defaults a user gets when giving no trainer options: the TensorBoard
-logger (``train/loss``, ``train/lr``, ``train/tokens_per_s`` logged every 50 steps), the progress
+logger (``train/loss`` and ``train/tokens_per_s`` logged every 50 steps), the progress
 bar (refreshed every step), the model summary and end-of-epoch checkpointing. Validation is off
 (``limit_val_batches=0``): this is training throughput. The only addition is a callback that reads
 the clock at the end of every batch.
@@ -183,7 +183,7 @@ def run(
          "paired_ratios": paired, "paired_ratio_median": statistics.median(paired)},
     ]
     return {
-        "settings": {**shape, "connectivity": connectivity, "aggregation": "loop (LLMModule default)",
+        "settings": {**shape, "connectivity": connectivity, "aggregation": "auto (LLMModule default)",
                      "warmup_steps": warmup_steps, "steps": steps, "rounds": rounds,
                      "data": data_path or "wikipedia", "num_workers": 0, "device": str(device),
                      "trainer": "defaults: TensorBoard logger, progress bar, model summary, checkpointing; no validation"},

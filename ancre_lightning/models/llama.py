@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .sublayer import Granularity, Sublayer, check_granularity
 
@@ -123,7 +123,7 @@ class CausalLM(nn.Module):
         max_seq_len: longest sequence the rotary tables cover.
         connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         granularity: ``block`` (the stack's layers are the K blocks) or ``sublayer`` (every
             attention and every MLP is a layer: 2K layers).
         dropout: attention dropout probability.
@@ -142,7 +142,7 @@ class CausalLM(nn.Module):
         max_seq_len: int = 256,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         dropout: float = 0.0,
         norm_eps: float = 1e-5,

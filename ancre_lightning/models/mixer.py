@@ -13,7 +13,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .sublayer import Granularity, Sublayer, check_granularity
 from .vit import _check_positive, _divisor_hint, check_images, drop_path_rates, zero_init_head
@@ -103,7 +103,7 @@ class MLPMixer(nn.Module):
         channels_mlp_ratio: channel-mixing MLP hidden width as a multiple of ``dim``.
         connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
             token-mixing and every channel-mixing MLP is a layer: 2K layers).
         drop_rate: dropout inside the MLPs and before the head.
@@ -123,7 +123,7 @@ class MLPMixer(nn.Module):
         channels_mlp_ratio: float = 4.0,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,

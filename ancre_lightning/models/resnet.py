@@ -29,7 +29,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..connectivity import CONNECTIVITIES, ConnectedStack, Connectivity, StaticWiring, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .vit import check_images, zero_init_head
 
@@ -195,7 +195,7 @@ class ResNet(nn.Module):
             fixed (the wirings with per-token weights or several streams need token states, (..., D):
             use them with the ViT or the MLP-Mixer).
         connectivity_options: options of that connectivity (the same for every stage).
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         granularity: only ``block``: a convolutional block has no attention and MLP sub-layers.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth, rising linearly to this over all blocks (residual
@@ -214,7 +214,7 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: str = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,

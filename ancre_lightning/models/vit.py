@@ -17,7 +17,7 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed, build_sincos2d_pos
 from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity, build_connectivity
-from ..connectivity.aggregation import AggregationImpl
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from .sublayer import Granularity, Sublayer, check_granularity
 
@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         pos_embed: ``"sincos"`` (fixed 2-D sin-cos table, a buffer) or ``"learned"``.
         connectivity: wiring of the layers (any name of ``build_connectivity``).
         connectivity_options: options of that connectivity, e.g. ``{"tau": 0.01}``.
-        aggregation: implementation of the weighted merge, ``loop`` or ``fused``.
+        aggregation: implementation of the weighted merge: ``auto`` (fused where it pays), ``loop`` or ``fused``.
         granularity: ``block`` (the K blocks are the stack's layers) or ``sublayer`` (every
             attention and every MLP is a layer: 2K layers).
         drop_rate: dropout after the position embedding, in the blocks and before the head.
@@ -167,7 +167,7 @@ class VisionTransformer(nn.Module):
         pos_embed: PosEmbed = "sincos",
         connectivity: str = "residual",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: AggregationImpl = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,

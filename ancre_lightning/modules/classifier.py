@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from ..models import MLPMixer, ResNet, VisionTransformer
 from ..models.sublayer import Granularity
@@ -74,7 +75,7 @@ class ClassifierModule(ConnectivityModule):
 
     Cross-entropy with label smoothing (or soft targets under Mixup / CutMix, through timm), AdamW
     with the gates in their own group, linear warm-up then cosine. Logs ``train/loss``,
-    ``train/acc1`` (not under Mixup), ``train/lr``, ``train/images_per_s``, and
+    ``train/acc1`` (not under Mixup), ``train/images_per_s``, and
     ``val/loss``, ``val/acc1``, ``val/acc5`` (``test/...`` the same); top-5 only with more than
     5 classes. Validation and test losses are plain cross-entropy, without smoothing.
 
@@ -111,7 +112,8 @@ class ClassifierModule(ConnectivityModule):
             (hyper-connections), mhc (manifold-constrained hyper-connections) or mudd (dynamic dense
             connections); the last four need token states (arch vit or mixer).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01}`` for ancre.
-        aggregation: implementation of the weighted merge of states: loop or fused.
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
             and every MLP is a layer, as the attention-residual and mHC papers wire them).
         drop_rate: dropout (vit: after positions, in the blocks and before the head; mixer: in
@@ -158,7 +160,7 @@ class ClassifierModule(ConnectivityModule):
         stem_stride: int = 1,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -306,7 +308,6 @@ class ClassifierModule(ConnectivityModule):
             self.train_acc1(logits.detach(), labels)
             self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -8,8 +8,11 @@ uses by default. Sampling runs any of :data:`SAMPLERS` (diffusers' DDPM, DDIM or
 with classifier-free guidance.
 
 Every ``sample_every_n_steps`` training steps a fixed-seed grid of samples (one row per class) is
-logged to TensorBoard and saved as ``<log_dir>/samples/step<N>.png``. To write images from a
-checkpoint use ``python -m ancre_lightning.sample`` (see that module).
+logged to TensorBoard and saved as ``<log_dir>/samples/step<N>.png``. With ``fid_num_samples`` each
+validation also samples that many images and logs ``val/fid`` and ``val/kid`` against as many
+validation images (torchmetrics over :class:`~ancre_lightning.metrics.InceptionFeatures`,
+synchronised over DDP processes). To write images from a checkpoint use
+``python -m ancre_lightning.sample`` (see that module).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 from ..models.dit import DiT
 from ..models.sublayer import Granularity
@@ -91,7 +95,7 @@ class DiffusionModule(ConnectivityModule):
     """Denoising diffusion with a DiT whose K blocks are wired by a chosen connectivity.
 
     Batches are ``(images, labels)`` with images in [-1, 1] (B, C, H, W) (or a dict with
-    ``images`` and ``labels``). Logs ``train/loss``, ``train/lr``, ``val/loss`` (fixed noise and
+    ``images`` and ``labels``). Logs ``train/loss``, ``val/loss`` (fixed noise and
     timesteps per validation batch, so epochs compare) and ``val/loss_ema``. For early-exit
     callbacks, :meth:`exit_predictions` gives the K+1 exits' model outputs and :meth:`exit_metrics`
     their denoising MSE ``loss``.
@@ -112,7 +116,8 @@ class DiffusionModule(ConnectivityModule):
             (attention residuals), hyper (hyper-connections), mhc (manifold-constrained
             hyper-connections) or mudd (dynamic dense connections).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01, normalization: incoming}``.
-        aggregation: implementation of the weighted merge of states: loop or fused.
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
             and every MLP is a layer, as the attention-residual and mHC papers wire them).
         prediction_type: what the network predicts: ``epsilon`` (the noise) or ``v_prediction``.
@@ -138,6 +143,12 @@ class DiffusionModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        fid_num_samples: at every validation (not the sanity check), sample this many images with
+            the EMA weights, the sampler and ``sample_steps`` (split over the DDP processes, labels
+            cycling over the classes, seeded by ``eval_seed``) and log ``val/fid`` and ``val/kid``
+            (KID mean, subsets of up to 1000) against as many validation images, through the FID
+            Inception network (fetched and verified on first use). 0 (default) turns it off: on a
+            CPU Inception costs about 0.3 s per image, so keep it for GPUs or use a few dozen images.
     """
 
     exit_task = "regression"
@@ -156,7 +167,7 @@ class DiffusionModule(ConnectivityModule):
         class_dropout: float = 0.1,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         num_train_timesteps: int = 1000,
@@ -177,6 +188,7 @@ class DiffusionModule(ConnectivityModule):
         gate_lr: float | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
+        fid_num_samples: int = 0,
     ) -> None:
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "Set prediction_type accordingly.")
@@ -186,6 +198,8 @@ class DiffusionModule(ConnectivityModule):
             raise UserInputError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise UserInputError(f"ema_decay must be in [0, 1) or null (no EMA), got {ema_decay}")
+        if fid_num_samples < 0 or fid_num_samples == 1:
+            raise UserInputError(f"fid_num_samples must be 0 (off) or >= 2 (FID needs two images per side), got {fid_num_samples}")
         if sample_steps < 1 or sample_grid < 1 or sample_every_n_steps < 0:
             raise UserInputError(
                 f"sample_steps and sample_grid must be >= 1 and sample_every_n_steps >= 0 (0: no grids), got "
@@ -226,6 +240,10 @@ class DiffusionModule(ConnectivityModule):
         self.val_loss_ema = MeanMetric()
         self._ema_step = -1
         self._sample_dir: Path | None = None
+        # (FID, KID) torchmetrics, built on first use; a tuple, so neither they nor the Inception weights
+        # become submodules (checkpoints stay the same with FID on or off)
+        self._fid_metrics: tuple[Any, Any] | None = None
+        self._fid_real = 0  # real images of this process in the current validation
 
     # --- the network ---------------------------------------------------------------------------
     def forward(self, noisy: Tensor, timesteps: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -303,7 +321,6 @@ class DiffusionModule(ConnectivityModule):
         t = torch.randint(0, self.hparams.num_train_timesteps, (images.shape[0],), device=images.device)  # (B,)
         loss = self.denoising_loss(self.net, images, labels, noise, t)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -343,6 +360,81 @@ class DiffusionModule(ConnectivityModule):
         if self.ema is not None:
             self.val_loss_ema.update(self.denoising_loss(self.ema.module, images, labels, noise, t), weight=n)
             self.log("val/loss_ema", self.val_loss_ema)
+        if self._fid_active():
+            take = images[: max(self._fid_share()[0] - self._fid_real, 0)]
+            if take.shape[0]:
+                real = to_uint8(take)  # (n, C, H, W)
+                for metric in self.fid_metrics():
+                    metric.update(real, real=True)
+                self._fid_real += take.shape[0]
+
+    # --- FID / KID at validation ----------------------------------------------------------------
+    def _fid_active(self) -> bool:
+        return bool(self.hparams.get("fid_num_samples")) and self._trainer is not None and not self.trainer.sanity_checking
+
+    def _fid_share(self) -> tuple[int, int]:
+        """(images of this process, index of its first image): ``fid_num_samples`` split over the processes."""
+        total, world = self.hparams.fid_num_samples, self.trainer.world_size
+        rank = self.trainer.global_rank
+        base, extra = divmod(total, world)
+        return base + (rank < extra), rank * base + min(rank, extra)
+
+    def fid_metrics(self) -> tuple[Any, Any]:
+        """torchmetrics' ``(FrechetInceptionDistance, KernelInceptionDistance)`` sharing one
+        :class:`~ancre_lightning.metrics.InceptionFeatures`, on this module's device."""
+        if self._fid_metrics is None:
+            if self._trainer is not None and self.hparams.fid_num_samples < self.trainer.world_size:
+                raise UserInputError(
+                    f"fid_num_samples={self.hparams.fid_num_samples} is fewer than the {self.trainer.world_size} "
+                    "processes; every process needs at least one image"
+                )
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            from torchmetrics.image.kid import KernelInceptionDistance
+
+            from ..metrics import InceptionFeatures
+
+            features = InceptionFeatures()
+            subset = min(1000, self.hparams.fid_num_samples)
+            self._fid_metrics = (
+                FrechetInceptionDistance(feature=features),
+                KernelInceptionDistance(feature=features, subsets=100, subset_size=subset),
+            )
+        for metric in self._fid_metrics:
+            metric.to(self.device)
+        return self._fid_metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._fid_real = 0
+        if self._fid_active():
+            for metric in self.fid_metrics():
+                metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._fid_active():
+            return
+        count, start = self._fid_share()
+        fid, kid = self.fid_metrics()
+        if count:
+            labels = None
+            if self.net.num_classes > 0:
+                labels = torch.arange(start, start + count) % self.net.num_classes  # cycling over all processes
+            seed = self.hparams.eval_seed + self.trainer.global_rank
+            fake = to_uint8(self.sample(count, labels, seed=seed, batch_size=min(count, 256)))  # (count, C, H, W)
+            fid.update(fake, real=False)
+            kid.update(fake, real=False)
+        reduce = self.trainer.strategy.reduce
+        real = int(reduce(torch.tensor(float(self._fid_real), device=self.device), reduce_op="sum"))
+        if real < 2:
+            raise UserInputError(
+                f"fid_num_samples={self.hparams.fid_num_samples} but validation gave {real} images; "
+                "FID needs at least 2 (raise limit_val_batches or lower fid_num_samples)"
+            )
+        kid.subset_size = min(1000, self.hparams.fid_num_samples, real)  # validation may give fewer images than asked for
+        # compute() gathers every process's features, so every process logs the same value
+        self.log("val/fid", fid.compute().float(), sync_dist=True)
+        self.log("val/kid", kid.compute()[0].float(), sync_dist=True)
+        fid.reset()
+        kid.reset()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = self.unpack(batch)

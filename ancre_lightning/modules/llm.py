@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +14,15 @@ from torchmetrics.text import Perplexity
 from ..models import CausalLM
 from ..models.sublayer import Granularity
 from .base import CompileMode, ConnectivityModule
+from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
 from ..errors import UserInputError
 
 
 class LLMModule(ConnectivityModule):
     """LLaMA-style causal LM whose blocks are wired by a chosen connectivity.
 
-    Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``val/loss`` and ``val/ppl``.
+    Logs ``train/loss``, ``train/tokens_per_s``, ``val/loss`` and ``val/ppl`` (learning rates:
+    Lightning's ``LearningRateMonitor``, in every shipped config).
 
     Args:
         vocab_size: number of token ids (257 for the byte-level tokenizer: 256 bytes + EOS).
@@ -36,7 +38,8 @@ class LLMModule(ConnectivityModule):
             for ancre, ``{dilation: 1, period: 1}`` for denseformer, ``{edges: ["0:2"]}`` for fixed,
             ``{block_size: 4}`` for attnres, ``{streams: 4, dynamic: true}`` for hyper,
             ``{streams: 4, sinkhorn_iters: 20, init: residual}`` for mhc, ``{hidden: 64}`` for mudd.
-        aggregation: implementation of the weighted merge of states: loop or fused (torch.compile kernel).
+        aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
+            elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
         granularity: the stack's layers: ``block`` (whole blocks) or ``sublayer`` (every attention
             and every MLP is a layer, as the attention-residual and mHC papers wire them).
         dropout: attention dropout.
@@ -62,7 +65,7 @@ class LLMModule(ConnectivityModule):
         max_seq_len: int = 256,
         connectivity: str = "ancre",
         connectivity_options: dict[str, Any] | None = None,
-        aggregation: Literal["loop", "fused"] = "loop",
+        aggregation: AggregationImpl = DEFAULT_AGGREGATION,
         granularity: Granularity = "block",
         dropout: float = 0.0,
         tie_embeddings: bool = False,
@@ -107,6 +110,9 @@ class LLMModule(ConnectivityModule):
         _, exits = self.net.forward_features(batch["input_ids"], return_exits=True)
         return [self.exit_head(h).flatten(0, 1) for h in exits], batch["labels"].flatten()
 
+    #: for EarlyExitEvaluation: an exit's perplexity is exp of its mean loss (as ``val/ppl``), not a mean of perplexities
+    exit_derived_metrics = {"ppl": ("loss", torch.exp)}
+
     def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Next-token ``loss``, perplexity ``ppl`` and top-1 ``accuracy`` of one exit."""
         metrics = super().exit_metrics(output, target)
@@ -137,7 +143,6 @@ class LLMModule(ConnectivityModule):
         logits = self(batch["input_ids"])  # (B, T, V)
         loss = self.lm_loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
