@@ -507,7 +507,7 @@ def _wire(model: nn.Module, path: str, wired: list[nn.Module], key: str, sublaye
         fix = (f"on these blocks use one of: {', '.join(working)}" if working
                else "use granularity='block'")  # fmt: skip
         raise UserInputError(
-            f"rewire: {problem}; {fix} (or teach rewire the block with ancre_lightning.rewire.register_split)"
+            f"rewire: {problem}; {fix} (or teach rewire the block with ancre_lightning.rewiring.register_split)"
         )
     parts = ("attention", "mlp") if sublayers else ("block",)
     layers: list[Callable] = []
