@@ -251,3 +251,52 @@ def test_indexing_gives_the_plain_block_and_slicing_is_refused():
     assert isinstance(model.transformer_blocks[0], nn.Module) and len(model.transformer_blocks) == 3
     with pytest.raises(UserInputError, match="cannot be sliced"):
         model.transformer_blocks[:2]
+
+
+# --------------------------------------------------------------------------- ClassifierModule
+TIMM_SMALL = {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def test_classifier_module_takes_a_timm_model_and_a_local_weight_file(tmp_path):
+    import timm
+
+    from ancre_lightning.modules import ClassifierModule
+
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, in_chans=1, num_classes=3, **TIMM_SMALL)
+    torch.save(plain.state_dict(), tmp_path / "vit.pth")
+    module = ClassifierModule(timm_model="vit_tiny_patch16_224", timm_options=TIMM_SMALL, num_classes=10, in_chans=1,
+                              img_size=28, pretrained_weights=str(tmp_path / "vit.pth"), connectivity="ancre").eval()  # fmt: skip
+    own = module.net.model.state_dict()
+    for name, value in plain.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(own[name], value), name
+    assert own["head.weight"].shape == (10, 32)  # another number of classes: a new head
+    assert list(module.connectivities()) == ["model.blocks"]
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert [id(p) for p in groups["gates"]["params"]] == [id(module.net.model.blocks.connectivity.gate_logits)]
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert id(module.net.model.cls_token) in no_decay and id(module.net.model.pos_embed) in no_decay
+    images, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    outputs, target = module.exit_predictions((images, labels))
+    assert len(outputs) == 3 and all(o.shape == (4, 10) for o in outputs) and torch.equal(target, labels)
+    torch.testing.assert_close(outputs[-1], module(images), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs[0], outputs[-1])
+    deeper = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, in_chans=1, num_classes=10,
+                               **{**TIMM_SMALL, "depth": 3})  # fmt: skip
+    torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
+    with pytest.raises(UserInputError, match="tensors the model does not have"):
+        ClassifierModule(timm_model="vit_tiny_patch16_224", timm_options=TIMM_SMALL, pretrained_weights=str(tmp_path / "deeper.pth"))
+    with pytest.raises(UserInputError, match="do not exist"):
+        ClassifierModule(timm_model="vit_tiny_patch16_224", timm_options=TIMM_SMALL, pretrained_weights=str(tmp_path / "none.pth"))
+
+
+def test_classifier_module_with_a_timm_resnet_takes_any_image_size():
+    from ancre_lightning.modules import ClassifierModule
+
+    module = ClassifierModule(timm_model="resnet18", num_classes=10, in_chans=1, img_size=28, connectivity="ancre").eval()
+    assert module.net.img_size is None and len(module.connectivities()) == 4
+    images = torch.randn(2, 1, 40, 40)
+    outputs, _ = module.exit_predictions((images, torch.tensor([0, 1])))
+    assert len(outputs) == module.net.connectivity.num_layers + 1 == 2  # layer4: a transition and 1 wired block
+    torch.testing.assert_close(outputs[-1], module(images), rtol=1e-5, atol=1e-6)
