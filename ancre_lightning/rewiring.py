@@ -286,9 +286,17 @@ class _Run:
         self.stack = stack
         self.state: Any = None
         self.exits: list[Tensor] = []
+        self.next: int | None = 0  # the block expected next; None once the loop has ended
 
     def step(self, i: int, h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         stack, conn = self.stack, self.stack.connectivity
+        if i != self.next:
+            raise UserInputError(
+                f"block {i} of a rewired container ran out of turn (expected {self.next if self.next is not None else 'none'}): "
+                "the wiring needs every block once per forward, in order. Gradient checkpointing recomputes blocks "
+                "outside it; turn it off (timm: set_grad_checkpointing(False); diffusers: disable_gradient_checkpointing())"
+            )
+        self.next = i + 1 if i + 1 < len(stack) else None
         if i < stack.transitions:
             return stack._plain()[i](h, *args, **kwargs)  # a transition block, unwired
         per_block = conn.num_layers // (len(stack) - stack.transitions)  # 2 at sub-layer granularity

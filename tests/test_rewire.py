@@ -300,3 +300,14 @@ def test_classifier_module_with_a_timm_resnet_takes_any_image_size():
     outputs, _ = module.exit_predictions((images, torch.tensor([0, 1])))
     assert len(outputs) == module.net.connectivity.num_layers + 1 == 2  # layer4: a transition and 1 wired block
     torch.testing.assert_close(outputs[-1], module(images), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_refused_rather_than_wrong():
+    model = make("dit")
+    model.enable_gradient_checkpointing()
+    with pytest.raises(UserInputError, match="gradient checkpointing on"):
+        ancre_lightning.rewire(model, "ancre")
+    model = ancre_lightning.rewire(make("dit"), "ancre").train()
+    model.enable_gradient_checkpointing()  # after rewiring: the recomputation runs a block out of turn
+    with pytest.raises(UserInputError, match="ran out of turn"):
+        run("dit", model).sum().backward()
