@@ -389,3 +389,16 @@ def test_loader_state_survives_a_change_of_world_size():
     resumed = _loader(n=16, world=1)
     resumed.load_state_dict(state)
     assert sum((b.tolist() for b in resumed), []) == order[8:]
+
+
+def test_rewired_timm_classifier_resume_equals_straight_run(tmp_path):
+    """A timm ViT wired by rewire (ANCRe) resumes exactly like the built-in models: 2 + 2 == 4."""
+    base = ["--config", str(CONFIGS / "classifier" / "timm_vit_fmnist_ancre.yaml"),
+            "--model.init_args.timm_options={patch_size: 7, depth: 2, embed_dim: 32, num_heads: 2, drop_rate: 0.1}",
+            "--model.init_args.warmup_steps=2", "--data.init_args.batch_size=8", "--data.init_args.max_train_samples=64",
+            "--data.init_args.val_size=8", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2"]  # fmt: skip
+    straight, resumed, _ = run_split_and_straight(tmp_path, base, n=2)
+    assert_same_steps(2)
+    ckpt = assert_same_checkpoints(straight, resumed)
+    assert "net.model.blocks.connectivity.gate_logits" in ckpt["state_dict"]
+    assert "net.model.blocks.0.attn.qkv.weight" in ckpt["state_dict"]

@@ -46,12 +46,24 @@ def build_classifier_net(
     granularity: str,
     drop_rate: float,
     drop_path_rate: float,
+    timm_model: str | None = None,
+    timm_options: dict[str, Any] | None = None,
+    pretrained_weights: str | None = None,
 ) -> nn.Module:
-    """The network of one architecture; each takes the arguments that apply to it."""
+    """The network of one architecture (or a timm model by name); each takes the arguments that apply to it."""
     wiring = {
         "connectivity": connectivity, "connectivity_options": connectivity_options, "aggregation": aggregation,
         "granularity": granularity,
     }  # fmt: skip
+    if timm_model:
+        from ..models.timm_net import TimmNet
+
+        return TimmNet(timm_model, num_classes, in_chans, img_size, timm_options, pretrained_weights, **wiring)
+    if pretrained_weights or timm_options:
+        raise UserInputError(
+            "pretrained_weights and timm_options apply to a timm model: set timm_model (e.g. vit_tiny_patch16_224), "
+            f"or leave them out for arch {arch!r}"
+        )
     if arch == "vit":
         return VisionTransformer(
             num_classes, img_size, patch_size, in_chans, dim=dim, depth=depth, num_heads=num_heads,
@@ -83,6 +95,10 @@ class ClassifierModule(ConnectivityModule):
     final norm, pool and head. For the ViT and the Mixer these are the K blocks; for the ResNet,
     whose stages change shape, they are the blocks of the **last stage** (exit 0 is its
     transition block's output).
+
+    With ``timm_model`` the network is that timm model instead (random initialisation, or the
+    local ``pretrained_weights`` file), wired by :func:`~ancre_lightning.rewire`; its early exits
+    are those of its last wired container of blocks.
 
     Args:
         arch: the network: ``vit`` (Vision Transformer, global average pooling), ``mixer``
@@ -120,6 +136,12 @@ class ClassifierModule(ConnectivityModule):
             the MLPs and before the head; resnet: before the head).
         drop_path_rate: stochastic depth, rising linearly over the blocks to this value (only
             blocks with an inner residual).
+        timm_model: a timm model name (e.g. ``vit_tiny_patch16_224``, ``resnet18``) to train instead
+            of ``arch``, built with num_classes, in_chans and (models that take it) img_size, never
+            downloaded; its blocks are wired by the connectivity (rewire).
+        timm_options: further arguments of the timm model, e.g. ``{patch_size: 7, depth: 6}``.
+        pretrained_weights: path of a local state_dict file of the timm model (.pth, .pt, .bin or
+            .safetensors), loaded before wiring; a head of another number of classes stays new.
         label_smoothing: label smoothing of the training cross-entropy (also used by Mixup).
         mixup_alpha: Mixup's Beta(alpha, alpha); > 0 turns Mixup on (needs an even batch size).
         cutmix_alpha: CutMix's Beta(alpha, alpha); > 0 turns CutMix on (needs an even batch size).
@@ -164,6 +186,9 @@ class ClassifierModule(ConnectivityModule):
         granularity: Granularity = "block",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        timm_model: str | None = None,
+        timm_options: dict[str, Any] | None = None,
+        pretrained_weights: str | None = None,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -213,6 +238,9 @@ class ClassifierModule(ConnectivityModule):
             granularity=granularity,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            timm_model=timm_model,
+            timm_options=timm_options,
+            pretrained_weights=pretrained_weights,
         )
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
@@ -281,9 +309,10 @@ class ClassifierModule(ConnectivityModule):
                 f"set {fix}.in_chans {chans}"
             )
         size = getattr(data, "image_size", None)
-        if size is not None and hp.arch != "resnet" and size != hp.img_size:
+        takes_size = getattr(self.net, "img_size", None) is not None if hp.get("timm_model") else hp.arch != "resnet"
+        if size is not None and takes_size and size != hp.img_size:
             raise UserInputError(
-                f"the data has {size}x{size} images but the {hp.arch} was built for img_size={hp.img_size}; "
+                f"the data has {size}x{size} images but the {hp.get('timm_model') or hp.arch} was built for img_size={hp.img_size}; "
                 f"set {fix}.img_size {size} (with a patch_size that divides it) or change the data's image size"
             )
         batch = getattr(data, "batch_size", None)
