@@ -126,7 +126,7 @@ class ClassifierModule(ConnectivityModule):
         connectivity: how the layers are wired: residual, ancre, acn (Auto-Compressing: blocks
             without inner residual), denseformer, fixed, attnres (attention residuals), hyper
             (hyper-connections), mhc (manifold-constrained hyper-connections) or mudd (dynamic dense
-            connections); the last four need token states (arch vit or mixer).
+            connections); the last four need token states (arch vit or mixer, or a timm_model with token blocks such as a ViT).
         connectivity_options: options of the connectivity, e.g. ``{tau: 0.01}`` for ancre.
         aggregation: implementation of the weighted merge of states: auto (fused for states of 2**19
             elements or more, where the compilation pays; the loop below), loop or fused (torch.compile kernel).
