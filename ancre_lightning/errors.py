@@ -94,6 +94,29 @@ def parse_error_message(message: str, options: Mapping[str, Iterable[str]]) -> s
     return f"bad value for {name!r}: {body}" if name else body
 
 
+def state_mismatch_examples(
+    missing: list[str], unexpected: list[str], reshaped: list[str], given: Mapping, own: Mapping, source: str
+) -> list[str]:
+    """Phrases naming what keeps a state_dict from loading: the first reshaped tensor with both
+    shapes, and the counts (with an example) of missing and unexpected tensors.
+
+    Args:
+        missing, unexpected, reshaped: the keys of each kind.
+        given: the state_dict that was offered (shapes of ``reshaped`` are read from it).
+        own: the model's state_dict.
+        source: what ``given`` is, for the message (``"checkpoint"``, ``"file"``).
+    """
+    said = []
+    if reshaped:
+        k = reshaped[0]
+        said.append(f"{k} is {tuple(given[k].shape)} in the {source}, {tuple(own[k].shape)} in the model")
+    if missing:
+        said.append(f"{len(missing)} tensors missing from the {source} (e.g. {missing[0]})")
+    if unexpected:
+        said.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+    return said
+
+
 #: Key of the failure file written by FiniteGuard, so that it is never taken for a checkpoint to resume.
 NONFINITE_MARKER = "ancre_nonfinite"
 

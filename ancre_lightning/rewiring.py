@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .connectivity import CONNECTIVITIES, ConnectedStack, Connectivity, build_connectivity
 from .connectivity.aggregation import AGGREGATION_IMPLS, AggregationImpl
 from .connectivity.registry import needs_width
-from .errors import UserInputError
+from .errors import UserInputError, state_mismatch_examples
 from .models.sublayer import check_granularity
 
 log = logging.getLogger(__name__)
@@ -584,14 +584,7 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], skip: Se
     unexpected = sorted(set(given) - set(own))
     reshaped = sorted(k for k in given if k in own and tuple(given[k].shape) != tuple(own[k].shape))
     if missing or unexpected or reshaped:
-        said = []
-        if reshaped:
-            k = reshaped[0]
-            said.append(f"{k} is {tuple(given[k].shape)} in the file, {tuple(own[k].shape)} in the model")
-        if missing:
-            said.append(f"{len(missing)} tensors missing from the file (e.g. {missing[0]})")
-        if unexpected:
-            said.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+        said = state_mismatch_examples(missing, unexpected, reshaped, given, own, "file")
         raise UserInputError(
             f"the pretrained weights do not fit {type(model).__name__}: {'; '.join(said)}. Build the model with the "
             "configuration the weights were saved with"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
-from ..errors import NONFINITE_MARKER, UserInputError
+from ..errors import NONFINITE_MARKER, UserInputError, state_mismatch_examples
 from .schedule import WarmupCosine
 
 #: torch.compile modes accepted by ``compile`` (besides true / false). ``reduce-overhead`` replays
@@ -404,14 +404,7 @@ def checkpoint_mismatch(
         for k in sorted(set(ck_hparams) | set(hparams))
         if not k.startswith("_") and k not in TRAINING_HPARAMS and ck_hparams.get(k) != hparams.get(k)
     ]
-    examples = []
-    if reshaped:
-        k = reshaped[0]
-        examples.append(f"{k} is {tuple(ck_state[k].shape)} in the checkpoint, {tuple(state[k].shape)} in the model")
-    if missing:
-        examples.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[0]})")
-    if unexpected:
-        examples.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+    examples = state_mismatch_examples(missing, unexpected, reshaped, ck_state, state, "checkpoint")
     head = f"the network differs ({'; '.join(differ[:4])})" if differ else "the network differs"
     return f"{head}: {'; '.join(examples)}"
 
