@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .aggregation import AggregationImpl, weighted_sum
+from .aggregation import AggregationImpl, weighted_sum, weighted_sum_accumulate
 from ..errors import UserInputError
 
 
@@ -218,7 +218,7 @@ class PerTokenWiring(Connectivity):
     batch and the mean of the squares (detached, float32), through :meth:`token_moments` and
     :meth:`record`; ``coefficients()`` returns the mean and ``coefficient_spread()`` the standard
     deviation. Before the first forward both describe the wiring with the token-dependent part at
-    zero (``initial_coefficients()``).
+    zero (the ``initial`` picture given to :meth:`init_token_statistics`).
     """
 
     per_token = True
@@ -278,9 +278,7 @@ class PerTokenWiring(Connectivity):
 
 
 def per_token_weighted_sum(sources: list[Tensor], weights: Tensor) -> Tensor:
-    """``sum_i weights[..., i] * sources[i]`` with per-token weights (..., n) and sources (..., D),
-    accumulated in float32 and rounded once to the sources' dtype."""
-    out = weights[..., 0:1] * sources[0].float()  # (..., D)
-    for i in range(1, len(sources)):
-        out = out + weights[..., i : i + 1] * sources[i].float()
-    return out.to(sources[-1].dtype)
+    """``sum_i weights[..., i] * sources[i]`` with per-token weights (..., n) and sources (..., D):
+    the fused aggregation's body (float32 accumulation, rounded once to the sources' dtype), each
+    weight a (..., 1) column that broadcasts over D."""
+    return weighted_sum_accumulate(sources, [weights[..., i : i + 1] for i in range(weights.shape[-1])])

@@ -63,7 +63,8 @@ def mix_streams(res: Tensor, streams: Tensor) -> Tensor:
 
 
 def unroll_step(unrolled: Tensor, res: Tensor, post: Tensor, column: int) -> Tensor:
-    """``E' = res E + post e_column``: (N, n, K+1) with per-token (N, n, n) and (N, n) maps."""
+    """``E' = res E + post e_column``: (N, n, K+1) with per-token (N, n, n) and (N, n) maps, or
+    (n, K+1) with static (n, n) and (n,) maps."""
     out = mix_streams(res, unrolled)  # (N, n, K+1)
     out[..., column] = out[..., column] + post
     return out
@@ -120,15 +121,19 @@ class StreamWiring(PerTokenWiring):
         state.maps = None
 
     def exit(self, state: StreamState) -> Tensor:
-        weights = self.reduce_weights(state.streams)  # (..., n) or (n,)
-        return read_streams(weights, state.streams.float()).to(state.streams.dtype)  # (..., D)
+        return self._head_input(state, self.reduce_weights(state.streams))
 
     def output(self, state: StreamState) -> Tensor:
-        out = self.exit(state)
+        weights = self.reduce_weights(state.streams)  # (..., n) or (n,), once for both uses
         if state.unrolled is not None:
-            self._remember(state, self.reduce_weights(state.streams))  # row K-1: the head's input
+            self._remember(state, weights)  # row K-1: the head's input
             self.record(state.moments)
-        return out
+        return self._head_input(state, weights)
+
+    @staticmethod
+    def _head_input(state: StreamState, weights: Tensor) -> Tensor:
+        """What the head sees: the streams reduced with ``weights``, (..., D)."""
+        return read_streams(weights, state.streams.float()).to(state.streams.dtype)
 
     def _remember(self, state: StreamState, weights: Tensor) -> None:
         """Record the row ``weights E`` (token by token) of the picture."""
@@ -147,9 +152,9 @@ class StreamWiring(PerTokenWiring):
         rows = []
         for j, (pre, res, post) in enumerate(maps):
             if j > 0:
-                rows.append(pre @ e)  # (K+1,)
-            e = res @ e + post.unsqueeze(-1) * torch.nn.functional.one_hot(torch.tensor(j + 1), k + 1).to(e)
-        rows.append(reduce @ e)
+                rows.append(read_streams(pre, e))  # (K+1,): the input of layer j
+            e = unroll_step(e, res, post, j + 1)  # the same step as the per-token picture, without tokens
+        rows.append(read_streams(reduce, e))
         return torch.stack(rows)  # (K, K+1)
 
     def extra_repr(self) -> str:
