@@ -277,6 +277,12 @@ class PerTokenWiring(Connectivity):
         return torch.ones(k, k + 1, dtype=torch.bool).tril()  # every earlier state; the fresh output is the main path
 
 
+def rms_normalized(x: Tensor, eps: float) -> Tensor:
+    """``x / RMS(x)`` over the last dimension, in float32, without a gain (the wiring's own norms)."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
 def per_token_weighted_sum(sources: list[Tensor], weights: Tensor) -> Tensor:
     """``sum_i weights[..., i] * sources[i]`` with per-token weights (..., n) and sources (..., D):
     the fused aggregation's body (float32 accumulation, rounded once to the sources' dtype), each

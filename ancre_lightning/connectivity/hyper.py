@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .base import rms_normalized
 from .streams import StreamWiring, check_streams
 
 
@@ -63,8 +64,7 @@ class HyperConnections(StreamWiring):
         pre, res, post = self.static_maps(j)
         if not self.dynamic:
             return pre, res, post
-        s = streams.float()
-        normed = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + self.eps)  # (..., n, D)
+        normed = rms_normalized(streams, self.eps)  # (..., n, D), each stream on its own
         scale = self.scales[j]
         pre = pre + scale[0] * torch.tanh(normed @ self.read_proj[j])  # (..., n)
         mix = self.mix[j] + scale[1] * torch.tanh(normed @ self.mix_proj[j])  # (..., n, n) [source, target]

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .base import rms_normalized
 from .streams import StreamWiring, check_streams
 from ..errors import UserInputError
 
@@ -101,8 +102,7 @@ class ManifoldHyperConnections(StreamWiring):
         self.init_token_statistics(self._initial_coefficients())
 
     def _normalised(self, streams: Tensor) -> Tensor:
-        x = streams.float().flatten(-2)  # (..., n*D)
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return rms_normalized(streams.flatten(-2), self.eps)  # (..., n*D)
 
     def maps(self, streams: Tensor, j: int) -> tuple[Tensor, Tensor, Tensor]:
         n = self.num_streams

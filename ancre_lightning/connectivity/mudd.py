@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PerTokenWiring, handover_matrix, per_token_weighted_sum
+from .base import PerTokenWiring, handover_matrix, per_token_weighted_sum, rms_normalized
 from ..errors import UserInputError
 
 
@@ -40,8 +40,7 @@ class DenseWeights(nn.Module):
         self.static = nn.Parameter(static)  # (S,): one-hot on the newest state
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
-        normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)  # (..., D)
+        normed = rms_normalized(x, self.eps)  # (..., D), float32
         return F.gelu(normed @ self.w1.t()) @ self.w2.t() + self.static  # (..., S)
 
 
