@@ -98,18 +98,12 @@ class GateVisualization(Callback):
         conns = connectivities_of(pl_module, type(self).__name__)
         several = len(conns) > 1
         scalars: dict[str, float] = {}
+        png = self.save_png and self.log_dir is not None
         for name, conn in conns.items():
             c = conn.coefficients().detach().float().cpu()  # (K, K+1)
-            what = "wiring (token mean)" if conn.per_token else "wiring"
-            title = f"{name}: {conn.name} {what}, step {step}" if several else f"{conn.name} {what}, step {step}"
-            png = self.save_png and self.log_dir is not None
-            prefix = f"{name}_" if several else ""
             if writers or png:
-                image = figure_to_rgb(wiring_figure(c, title, annotate=self.annotate, cmap=self.cmap))  # (H, W, 3)
-                for writer in writers:
-                    writer.add_image(stack_tag("gates", name, "wiring", several), image, step, dataformats="HWC")
-                if png:
-                    save_png(image, self.log_dir / "gates" / f"{prefix}wiring_step{step:07d}.png")
+                what = "wiring (token mean)" if conn.per_token else "wiring"
+                self._publish(writers, png, c, "wiring", what, self.cmap, name, conn.name, several, step)
             for j, h in enumerate(row_entropy(c).tolist()):
                 scalars[stack_tag("gates", name, f"entropy/row_{j}", several)] = h
             spread = conn.coefficient_spread()
@@ -118,15 +112,22 @@ class GateVisualization(Callback):
                 for j in range(spread.shape[0]):
                     scalars[stack_tag("gates", name, f"token_spread/row_{j}", several)] = float(spread[j, : j + 2].mean())
                 if writers or png:
-                    title = f"{name}: {conn.name} token spread, step {step}" if several else f"{conn.name} token spread, step {step}"
-                    image = figure_to_rgb(wiring_figure(spread, title, annotate=self.annotate, cmap="magma"))
-                    for writer in writers:
-                        writer.add_image(stack_tag("gates", name, "token_spread", several), image, step, dataformats="HWC")
-                    if png:
-                        save_png(image, self.log_dir / "gates" / f"{prefix}token_spread_step{step:07d}.png")
+                    self._publish(writers, png, spread, "token_spread", "token spread", "magma", name, conn.name, several, step)
             gates = conn.gate_parameters()
             if gates and writers:
                 values = torch.cat([p.detach().float().flatten().cpu() for p in gates])
                 for writer in writers:
                     writer.add_histogram(stack_tag("gates", name, "logits", several), values, step)
         log_scalars(trainer, scalars, step)
+
+    def _publish(self, writers: list, png: bool, matrix, tag: str, what: str, cmap: str, stack: str, wiring: str,
+                 several: bool, step: int) -> None:  # fmt: skip
+        """Draw one (K, K+1) matrix as a heatmap: a TensorBoard image ``gates/[<stack>/]<tag>`` and,
+        with ``png``, ``<log_dir>/gates/[<stack>_]<tag>_step<step>.png``."""
+        title = f"{stack}: {wiring} {what}, step {step}" if several else f"{wiring} {what}, step {step}"
+        image = figure_to_rgb(wiring_figure(matrix, title, annotate=self.annotate, cmap=cmap))  # (H, W, 3)
+        for writer in writers:
+            writer.add_image(stack_tag("gates", stack, tag, several), image, step, dataformats="HWC")
+        if png:
+            prefix = f"{stack}_" if several else ""
+            save_png(image, self.log_dir / "gates" / f"{prefix}{tag}_step{step:07d}.png")
