@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .connectivity import CONNECTIVITIES, ConnectedStack, Connectivity, build_connectivity
 from .connectivity.aggregation import AGGREGATION_IMPLS, AggregationImpl
-from .connectivity.registry import needs_width
+from .connectivity.registry import keeps_inner_residual, needs_width
 from .errors import UserInputError, state_mismatch_examples
 from .models.sublayer import check_granularity
 
@@ -496,7 +496,7 @@ def rewire(
 def _wire(model: nn.Module, path: str, wired: list[nn.Module], key: str, sublayers: bool, dim: int | None,
           options: dict[str, Any]) -> tuple[Connectivity, list[Callable]]:  # fmt: skip
     """The connectivity and the K layers for the wired blocks of one container, or one clear refusal."""
-    inner = CONNECTIVITIES[key].inner_residual
+    inner = keeps_inner_residual(key, options)
     width, channel_first = _state_layout(wired[0])
     splits = [find_split(b) for b in wired]
     unsplit = next((why for split, why in splits if split is None), None)

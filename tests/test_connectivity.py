@@ -66,7 +66,8 @@ def ancre_reference(stack, x):
                 p[i, j] = col[n]
     hs = [x]
     for j, block in enumerate(stack.blocks):
-        u = block(hs[j])
+        f = torch.tanh(block.lin(hs[j]))  # the branch f_j of the paper
+        u = hs[j] + f if conn.inner_residual else f  # as released: the block keeps its inner residual
         hs.append(u + sum(p[i, j] * hs[i] for i in range(j + 1)))
     return hs
 
@@ -101,6 +102,70 @@ def test_ancre_matches_reference_loop(x, normalization, k):
     if k > 1:
         logit_grad = torch.autograd.grad(stack(x).square().sum(), stack.connectivity.gate_logits)[0]
         assert logit_grad.abs().sum() > 0, "no gradient reaches the gate logits"
+
+
+@pytest.mark.parametrize("normalization", ["incoming", "outgoing"])
+@pytest.mark.parametrize("init", ["uniform", "embedding", "predecessor"])
+def test_ancre_options_match_reference_loop(x, normalization, init):
+    """inner_residual=False (the merge is the blocks' only skip) and every start, against the loop."""
+    if init == "embedding" and normalization == "outgoing":
+        with pytest.raises(UserInputError, match="normalization 'incoming'"):
+            build_connectivity("ancre", 4, normalization=normalization, init=init)
+        return
+    stack = make_stack("ancre", 4, normalization=normalization, tau=0.05, inner_residual=False, init=init, init_weight=0.7)
+    assert not stack.connectivity.inner_residual and not any(b.residual for b in stack.blocks)
+    hs = ancre_reference(stack, x)
+    out, exits = stack(x, return_exits=True)
+    torch.testing.assert_close(out, hs[-1])
+    for e, h in zip(exits, hs):
+        torch.testing.assert_close(e, h)
+    assert_same_grads(stack, x, out, hs[-1])
+    g = torch.autograd.grad(stack(x).square().sum(), stack.connectivity.gate_logits)[0]
+    g_ref = torch.autograd.grad(ancre_reference(stack, x)[-1].square().sum(), stack.connectivity.gate_logits)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)  # float32 rounding, amplified by 1 / tau
+
+
+@pytest.mark.parametrize("tau", [0.01, 1.0])
+def test_ancre_init_puts_the_weight_where_it_says(tau):
+    k, w = 5, 0.8
+    gates = build_connectivity("ancre", k, init="predecessor", init_weight=w, tau=tau).gate_matrix()
+    for j in range(1, k):  # row j: sources h_0..h_j, the predecessor h_j gets w, the others share 1 - w
+        torch.testing.assert_close(gates[j, j], torch.tensor(w))
+        torch.testing.assert_close(gates[j, :j], torch.full((j,), (1 - w) / j))
+    assert gates[0, 0] == 1.0
+    gates = build_connectivity("ancre", k, init="embedding", init_weight=w, tau=tau).gate_matrix()
+    for j in range(1, k):
+        torch.testing.assert_close(gates[j, 0], torch.tensor(w))
+        torch.testing.assert_close(gates[j, 1 : j + 1], torch.full((j,), (1 - w) / j))
+    gates = build_connectivity("ancre", k, normalization="outgoing", init="predecessor", init_weight=w, tau=tau).gate_matrix()
+    for i in range(k - 1):  # column i: targets j = i..K-1, the first (j = i) gets w
+        torch.testing.assert_close(gates[i, i], torch.tensor(w))
+        torch.testing.assert_close(gates[i + 1 :, i], torch.full((k - 1 - i,), (1 - w) / (k - 1 - i)))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(UserInputError, match="init_weight"):
+            build_connectivity("ancre", k, init="predecessor", init_weight=bad)
+
+
+def test_ancre_without_inner_residual_started_on_the_predecessor_is_residual(x):
+    """h_{j+1} = f_j(h_j) + sum_i p_ij h_i with p on h_j: the plain residual chain h + f(h)."""
+    stack = make_stack("ancre", 6, inner_residual=False, init="predecessor", init_weight=1 - 1e-6)
+    ref = x
+    for block in stack.blocks:
+        ref = ref + torch.tanh(block.lin(ref))
+    torch.testing.assert_close(stack(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ancre_inner_residual_option_reaches_the_models_and_rewire():
+    from ancre_lightning.connectivity.registry import keeps_inner_residual
+    from ancre_lightning.models.llama import CausalLM
+
+    assert keeps_inner_residual("ancre", {}) and not keeps_inner_residual("ancre", {"inner_residual": "false"})
+    assert not keeps_inner_residual("acn", {}) and keeps_inner_residual("residual", {})
+    for granularity, layers in (("block", 3), ("sublayer", 6)):
+        lm = CausalLM(vocab_size=11, dim=8, n_layers=3, n_heads=2, connectivity="ancre", granularity=granularity,
+                      connectivity_options={"inner_residual": False})  # fmt: skip
+        assert lm.stack.num_layers == layers and not lm.stack.connectivity.inner_residual
+        assert all(not getattr(b, "inner_residual", getattr(b, "residual", True)) for b in lm.stack.blocks)
 
 
 def test_ancre_gate_gradient_matches_reference(x):

@@ -63,6 +63,15 @@ def typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {k: parsed[k] for k in options}
 
 
+def keeps_inner_residual(name: str, options: dict[str, Any]) -> bool:
+    """Whether the layers of connectivity ``name`` built with ``options`` keep their inner
+    residual: the wiring's default, or its ``inner_residual`` option where it has one (ANCRe)."""
+    key = str(name).lower()
+    if "inner_residual" in options and "inner_residual" in connectivity_options(key):
+        return bool(typed_options(key, {"inner_residual": options["inner_residual"]})["inner_residual"])
+    return bool(CONNECTIVITIES[key].inner_residual)
+
+
 def needs_width(name: str) -> bool:
     """Whether a connectivity has parameters of the states' width D (queries, projections)."""
     return "dim" in inspect.signature(CONNECTIVITIES[str(name).lower()].__init__).parameters
