@@ -28,7 +28,7 @@ from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short nam
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
-from ancre_lightning.callbacks import FiniteGuard, LineProgressBar
+from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, StreamGrowth
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_options, options_parser
 from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
@@ -40,8 +40,8 @@ class AncreCLI(LightningCLI):
 
     A misspelt or mistyped option, or a ``--ckpt_path`` that is unreadable or belongs to another
     model, ends in one :class:`UserInputError` before anything is built or written; every trainer
-    gets a :class:`~ancre_lightning.callbacks.FiniteGuard` unless ``trainer.callbacks`` has one,
-    and, when standard output is not a terminal, a
+    gets a :class:`~ancre_lightning.callbacks.FiniteGuard` and (for a module with ``exit_states``) a
+    :class:`~ancre_lightning.callbacks.StreamGrowth` unless ``trainer.callbacks`` has one, and, when standard output is not a terminal, a
     :class:`~ancre_lightning.callbacks.LineProgressBar` (plain lines instead of redrawn bars) unless
     ``trainer.callbacks`` has a progress bar or ``trainer.enable_progress_bar`` is false.
 
@@ -114,6 +114,8 @@ class AncreCLI(LightningCLI):
         callbacks = list(callbacks or []) if isinstance(callbacks, (list, tuple, type(None))) else [callbacks]
         if not any(isinstance(c, FiniteGuard) for c in callbacks):
             callbacks = [*callbacks, FiniteGuard()]
+        if measures_stream(self.model) and not any(isinstance(c, StreamGrowth) for c in callbacks):
+            callbacks = [*callbacks, StreamGrowth()]  # the stream's RMS after every layer, in every run
         progress = kwargs.get("enable_progress_bar", self._get(self.config_init, "trainer", default={}).get("enable_progress_bar"))
         if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars
@@ -155,6 +157,12 @@ class _NoAdvertTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
         return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
+def measures_stream(model: object) -> bool:
+    """Whether the model implements ``exit_states`` (what :class:`StreamGrowth` reads)."""
+    method = getattr(type(model), "exit_states", None)
+    return callable(method) and method is not ConnectivityModule.exit_states
 
 
 def silence_lightning_tips() -> None:

@@ -8,11 +8,13 @@
 - :class:`FiniteGuard`: stop at the first NaN or inf in the loss, gate logits or gradients, keep
   the saved checkpoints and write the failing state to ``nonfinite-step<N>.ckpt`` (on by default
   in ``ancre fit``).
+- :class:`StreamGrowth`: the RMS of the residual stream after every layer at each validation
+  (on by default in ``ancre fit``).
 - :class:`LineProgressBar`: progress as a plain line every so many steps and after each
   validation (what ``ancre`` uses when its output is not a terminal).
 
 They work with any :class:`~ancre_lightning.modules.ConnectivityModule` through its public
-surface only (``connectivities()``, ``exit_predictions``, ``exit_metrics``, ``exit_task``,
+surface only (``connectivities()``, ``exit_states``, ``exit_predictions``, ``exit_metrics``, ``exit_task``,
 ``exit_primary_metric``) and the connectivities' ``coefficients()``, ``shortcut_mask()``,
 ``gate_parameters()`` and ``temperature``. With several connectivities (one stack per stage),
 per-wiring tags carry the stack name: ``gates/<stack>/...``.
@@ -28,6 +30,7 @@ from .early_exit import EarlyExitEvaluation, confidence_exit, cutoff_layer, pred
 from .finite_guard import FiniteGuard
 from .progress import LineProgressBar
 from .sparsity import GateSparsity, shortcut_penalty
+from .stream import StreamGrowth, stream_rms
 from .temperature import GateTemperatureAnnealing, annealed_temperature
 from .visualization import GateVisualization
 
@@ -38,10 +41,12 @@ __all__ = [
     "GateTemperatureAnnealing",
     "GateVisualization",
     "LineProgressBar",
+    "StreamGrowth",
     "annealed_temperature",
     "confidence_exit",
     "cutoff_layer",
     "predictive_entropy",
     "row_entropy",
     "shortcut_penalty",
+    "stream_rms",
 ]

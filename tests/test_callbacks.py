@@ -7,6 +7,7 @@ real TensorBoard event files, read back with TensorBoard's own event reader.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from ancre_lightning.callbacks import (
     GateSparsity,
     GateTemperatureAnnealing,
     GateVisualization,
+    StreamGrowth,
     annealed_temperature,
     confidence_exit,
     cutoff_layer,
@@ -39,7 +41,7 @@ from ancre_lightning.errors import UserInputError
 from ancre_lightning.modules import ConnectivityModule, LLMModule
 from conftest import CONFIGS
 
-CALLBACKS = [GateTemperatureAnnealing, GateSparsity, GateVisualization, EarlyExitEvaluation]
+CALLBACKS = [GateTemperatureAnnealing, GateSparsity, GateVisualization, EarlyExitEvaluation, StreamGrowth]
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -494,8 +496,9 @@ def test_quickstart_config_runs_with_its_callbacks(tmp_path):
         "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
     ])
-    kinds = {type(c) for c in cli.trainer.callbacks}
-    assert {GateVisualization, EarlyExitEvaluation} <= kinds
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert {GateVisualization, EarlyExitEvaluation, StreamGrowth} <= set(kinds)
+    assert kinds.count(StreamGrowth) == 1  # added by `ancre fit`, once
     assert cli.trainer.global_step == 3
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "gates" / "wiring_step0000003.png").is_file()
@@ -503,6 +506,60 @@ def test_quickstart_config_runs_with_its_callbacks(tmp_path):
     events = read_events(log_dir)
     assert [e.step for e in events.Images("gates/wiring")] == [0, 3]  # start and end of training
     assert [e.step for e in events.Images("early_exit/metric_vs_depth")] == [3]
+    assert [e.step for e in events.Images("stream/rms_vs_depth")] == [3]
+    assert (log_dir / "stream" / "rms_vs_depth.png").read_bytes().startswith(b"\x89PNG")
+    assert [h["step"] for h in json.loads((log_dir / "stream" / "rms.json").read_text())] == [3]
+
+
+# --------------------------------------------------------------------------- stream growth
+
+
+def ancre_stream_reference(lm: LLMModule, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """h_0 = embedding; h_{j+1} = u_j + sum_{i<=j} softmax_i(c_j / tau) h_i, u_j = Block_j(h_j) (the paper's loop)."""
+    net, conn = lm.net, lm.net.connectivity
+    t = input_ids.shape[-1]
+    flat, tau = conn.gate_logits.detach(), float(conn.tau)
+    hs = [net.embed(input_ids)]
+    for j, block in enumerate(net.stack.blocks):
+        u = block(hs[j], net.rope_cos[:t], net.rope_sin[:t])
+        p = torch.softmax(flat[j * (j + 1) // 2 : (j + 1) * (j + 2) // 2] / tau, 0)  # row j: sources 0..j
+        hs.append(u + sum(p[i] * hs[i] for i in range(j + 1)))
+    return hs
+
+
+def test_stream_growth_logs_the_rms_of_the_papers_states(tmp_path):
+    """After training, the logged RMS after every block equals the RMS of the states of the paper's
+    loop on the same validation batches; the growth scalar is the last over the first."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    model, data = tiny_llm("ancre", connectivity_options={"tau": 0.5}), text_data()
+    growth = StreamGrowth(max_batches=2)
+    t = trainer(4, [growth], logger=logger, val_check_interval=2)
+    t.fit(model, data)
+    model.eval()
+    with torch.no_grad():
+        batches = [b["input_ids"] for _, b in zip(range(2), data.val_dataloader())]
+        squares = [torch.stack([h.square().mean() for h in ancre_stream_reference(model, ids)]) for ids in batches]
+    expected = torch.stack(squares).mean(0).sqrt()  # (K+1,): the batches have the same size
+    events = read_events(logger.log_dir)
+    for k in range(4):
+        logged = events.Scalars(f"stream/rms_exit{k}")
+        assert [e.step for e in logged] == [2, 4]
+        assert logged[-1].value == pytest.approx(float(expected[k]), rel=1e-4)
+    assert events.Scalars("stream/growth")[-1].value == pytest.approx(float(expected[-1] / expected[0]), rel=1e-4)
+    assert [h["step"] for h in growth.history] == [2, 4]
+    assert expected[-1] > expected[0]  # ANCRe's stream grows: each merge adds a convex mix of the history
+
+
+def test_stream_growth_history_survives_a_resume(tmp_path):
+    growth = StreamGrowth()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer(2, [growth, ckpt], val_check_interval=1, enable_checkpointing=True).fit(tiny_llm("residual"), text_data())
+    assert [h["step"] for h in growth.history] == [1, 2]
+    resumed = StreamGrowth()
+    trainer(3, [resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=0)], val_check_interval=1,
+            enable_checkpointing=True).fit(tiny_llm("residual"), text_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == growth.history
 
 
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)

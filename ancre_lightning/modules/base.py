@@ -108,6 +108,13 @@ class ConnectivityModule(L.LightningModule):
         """Apply the shared final norm and head to an early-exit state (any of the K+1 exits)."""
         return self.net.forward_head(state)
 
+    def exit_states(self, batch: Any) -> list[Tensor]:
+        """The K+1 states of the stack for ``batch``, before the head: ``states[k]`` is what the head
+        would see after k layers (``states[0]`` the embedding, ``states[K]`` the output); for
+        multi-stream wirings the head's reduction of the streams. Read by
+        :class:`~ancre_lightning.callbacks.StreamGrowth`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement exit_states")
+
     def exit_predictions(self, batch: Any) -> tuple[list[Tensor], Tensor]:
         """Head outputs of every exit for ``batch`` and the targets.
 

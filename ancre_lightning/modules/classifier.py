@@ -277,9 +277,11 @@ class ClassifierModule(ConnectivityModule):
 
         ``outputs[K]`` is the full network. For the ResNet the exits are those of the last stage.
         """
-        images, labels = batch
-        _, exits = self.net.forward_features(images, return_exits=True)
-        return [self.exit_head(h) for h in exits], labels
+        return [self.exit_head(h) for h in self.exit_states(batch)], batch[1]
+
+    def exit_states(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        """The K+1 exit states of the stack (of the last stage for the ResNet): (B, N, D) or (B, C, H, W) each."""
+        return self.net.forward_features(batch[0], return_exits=True)[1]
 
     def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Cross-entropy ``loss``, top-1 ``accuracy`` and (more than 5 classes) ``top5_accuracy`` of one exit."""

@@ -459,13 +459,22 @@ class DiffusionModule(ConnectivityModule):
             ``(outputs, target)``: K+1 tensors (B, C, H, W) (``outputs[K]`` is the full network)
             and the target (B, C, H, W) (noise or velocity).
         """
+        exits, cond, target = self._exits_at_fixed_noise(batch)
+        return [self.exit_head(h, cond) for h in exits], target  # K+1 x (B, C, H, W)
+
+    def exit_states(self, batch: Any) -> list[Tensor]:
+        """The K+1 token states (B, N, D) of the stack at the fixed noise and timesteps of
+        :meth:`exit_predictions`."""
+        return self._exits_at_fixed_noise(batch)[0]
+
+    def _exits_at_fixed_noise(self, batch: Any) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Exit states, conditioning (B, D) and diffusion target (B, C, H, W) at the ``eval_seed`` noise."""
         images, labels = self.unpack(batch)
         noise, t = self.fixed_noise(images, self.hparams.eval_seed)
         noisy = self.noise_scheduler.add_noise(images, noise, t)  # (B, C, H, W)
         cond = self.net.condition(t, self._labels(labels))  # (B, D)
         _, exits = self.net.forward_features(noisy, cond, return_exits=True)
-        outputs = [self.exit_head(h, cond) for h in exits]  # K+1 x (B, C, H, W)
-        return outputs, self.diffusion_target(images, noise, t)
+        return exits, cond, self.diffusion_target(images, noise, t)
 
     def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Denoising mean squared error ``loss`` of one exit's output."""

@@ -105,10 +105,13 @@ class LLMModule(ConnectivityModule):
         """Next-token logits (B, T, V)."""
         return self.net(input_ids)
 
+    def exit_states(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The K+1 exit states of the stack: K+1 x (B, T, D)."""
+        return self.net.forward_features(batch["input_ids"], return_exits=True)[1]
+
     def exit_predictions(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
         """Next-token logits of every exit, flattened over tokens: K+1 x (B*T, V), and labels (B*T,)."""
-        _, exits = self.net.forward_features(batch["input_ids"], return_exits=True)
-        return [self.exit_head(h).flatten(0, 1) for h in exits], batch["labels"].flatten()
+        return [self.exit_head(h).flatten(0, 1) for h in self.exit_states(batch)], batch["labels"].flatten()
 
     #: for EarlyExitEvaluation: an exit's perplexity is exp of its mean loss (as ``val/ppl``), not a mean of perplexities
     exit_derived_metrics = {"ppl": ("loss", torch.exp)}
