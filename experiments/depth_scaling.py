@@ -188,12 +188,12 @@ def _curve(points: list[tuple[int, float, float]], start: float) -> list[list]:
 
 def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
     """What the report needs of a finished run, read from its folder (the body of its record):
-    the final validation loss, the validation and training curves (``val/*`` and ``train/*``
-    scalars, ``[step, value, seconds since the start]``; validation steps count optimizer steps),
+    the final validation loss, the validation, training and stream curves (``val/*``, ``train/*``
+    and ``stream/*`` scalars, ``[step, value, seconds since the start]``; validation steps count optimizer steps),
     tokens a step, median tokens/s and the parameter count."""
     events = read_scalar_events(log_dir(runs_dir, s.name))
     curves = {tag: _curve(validation_curve(points) if tag.startswith("val/") else points, done["started_unix"])
-              for tag, points in events.items() if tag.startswith(("val/", "train/"))}
+              for tag, points in events.items() if tag.startswith(("val/", "train/", "stream/"))}
     val = curves.get("val/loss", [])
     if not val:
         raise ValueError(f"{s.name}: no val/loss in its event files")
@@ -327,12 +327,12 @@ def third_seed_specs(pairs: list[dict], config: Path, wirings: list[str], seed: 
 # --------------------------------------------------------------------------- figures and tables
 
 def colors(wirings: list[str]) -> dict[str, object]:
-    """One colour per wiring (residual grey, the rest from tab10)."""
+    """One colour per wiring (residual black, the rest from tab10, or tab20 beyond 10)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
     others = [w for w in wirings if w != "residual"]
-    return {"residual": "black", **{w: cmap(i % 10) for i, w in enumerate(others)}}
+    cmap, n = (colormaps["tab10"], 10) if len(others) <= 10 else (colormaps["tab20"], 20)
+    return {"residual": "black", **{w: cmap(i % n) for i, w in enumerate(others)}}
 
 
 def plot_loss_vs_depth(summary: dict, depths: list[int], path: Path) -> None:

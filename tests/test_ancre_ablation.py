@@ -1,0 +1,129 @@
+"""experiments/ancre_ablation.py: every variant builds the model it names, runs train as the driver
+starts them, the long phase picks its variants from the short one, and the report (stream growth
+included) is rebuilt from committed records alone."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from ancre_lightning.cli import build_cli
+from conftest import ROOT, tiny_run_args
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import ancre_ablation  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+SMALL_DATA = ["--data.init_args.batch_size=2", "--data.init_args.max_train_tokens=40000",
+              "--data.init_args.max_val_tokens=8000", "--data.init_args.num_workers=0"]  # fmt: skip
+
+#: variant -> (connectivity, the ANCRe attributes it sets, granularity, gate_lr, annealed)
+EXPECTED = {
+    "residual": ("residual", {}, "block", None, False),
+    "denseformer": ("denseformer", {}, "block", None, False),
+    "ancre": ("ancre", {"tau": 0.01, "parameterization": "softmax", "normalization": "incoming", "inner_residual": True, "init": "uniform"}, "block", None, False),
+    "ancre-constant": ("ancre", {"parameterization": "constant"}, "block", None, False),
+    "ancre-tau1": ("ancre", {"tau": 1.0}, "block", None, False),
+    "ancre-anneal": ("ancre", {"tau": 0.01}, "block", None, True),
+    "ancre-gatelr10": ("ancre", {}, "block", 0.03, False),
+    "ancre-gatelr0.1": ("ancre", {}, "block", 0.0003, False),
+    "ancre-outgoing": ("ancre", {"normalization": "outgoing"}, "block", None, False),
+    "ancre-embedding": ("ancre", {"init": "embedding", "init_weight": 0.9}, "block", None, False),
+    "ancre-no-inner": ("ancre", {"inner_residual": False}, "block", None, False),
+    "ancre-sublayer": ("ancre", {"inner_residual": True}, "sublayer", None, False),
+    "ancre-residual-start": ("ancre", {"inner_residual": False, "init": "predecessor", "init_weight": 0.99}, "sublayer", None, False),
+}
+
+
+def test_every_variant_is_expected():
+    assert set(ancre_ablation.VARIANTS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_variant_builds_the_model_it_names(variant, tmp_path):
+    """The driver's overrides on the config: 16 blocks, 20 warm-up steps, the variant's wiring."""
+    run = ancre_ablation.spec("short", variant, 0, 400, 25, [])
+    paths = [a for a in tiny_run_args(tmp_path) if not a.startswith(("--trainer.max_steps", "--trainer.val_check_interval"))]
+    cli = build_cli([*run.args, *paths], run=False)  # parse and build, no training
+    connectivity, attributes, granularity, gate_lr, annealed = EXPECTED[variant]
+    model, conn = cli.model, cli.model.connectivity
+    assert conn.name == connectivity and model.hparams.granularity == granularity
+    assert model.hparams.n_layers == 16 and model.hparams.warmup_steps == 20 and model.hparams.gate_lr == gate_lr
+    assert conn.num_layers == (32 if granularity == "sublayer" else 16)
+    for name, value in attributes.items():
+        got = float(conn.tau) if name == "tau" else getattr(conn, name)
+        assert got == pytest.approx(value), (name, got)
+    assert all(getattr(b, "inner_residual", True) == conn.inner_residual for b in model.net.stack.blocks)
+    annealing = [c for c in cli.trainer.callbacks if type(c).__name__ == "GateTemperatureAnnealing"]
+    assert bool(annealing) == annealed
+    assert cli.trainer.max_steps == 400 and cli.trainer.val_check_interval == 25
+
+
+def test_residual_start_trains_and_logs_its_stream(tmp_path):
+    """The variant that starts as residual, as the driver runs it (at 2 blocks): trains, logs stream/*."""
+    run = ancre_ablation.spec("short", "ancre-residual-start", 0, 2, 2, ["--model.init_args.n_layers=2"])
+    cli = build_cli(["fit", *run.args, *tiny_run_args(tmp_path), *SMALL_DATA])
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert cli.model.connectivity.num_layers == 4
+    events = list((tmp_path / "logs").rglob("stream/rms.json"))
+    assert len(events) == 1 and len(json.loads(events[0].read_text())[-1]["rms"]) == 5
+
+
+def summary(losses: dict[str, float]) -> dict:
+    return {v: {"final_val_loss_mean": loss} for v, loss in losses.items()}
+
+
+def test_long_phase_takes_released_ancre_and_the_best_others():
+    short = summary({"residual": 1.9, "denseformer": 1.95, "ancre": 2.08, "ancre-tau1": 2.07, "ancre-constant": 2.05,
+                     "ancre-no-inner": 2.4, "ancre-residual-start": 1.98, "ancre-sublayer": 2.1})  # fmt: skip
+    assert ancre_ablation.pick_long(short) == ["ancre", "ancre-residual-start", "ancre-constant", "ancre-tau1"]
+    assert ancre_ablation.pick_long(short, 2) == ["ancre", "ancre-residual-start"]
+
+
+def fake_record(phase: str, variant: str, seed: int, loss: float, growth: float, steps: int) -> dict:
+    """A made-up record as RunRecords.write leaves it, with stream curves."""
+    name = ancre_ablation.run_name(phase, variant, seed)
+    half = steps // 2
+    return {
+        "name": name, "meta": {"phase": phase, "wiring": variant, "depth": 16, "seed": seed, "steps": steps},
+        "args": ["--config", "x.yaml"], "command": ["python", "-m", "ancre_lightning.cli", "fit", "--config", "x.yaml"],
+        "started_unix": 1.7e9, "wall_s": 100.0, "finished": "2026-01-01 00:00:00 UTC", "threads": 1, "jobs": 2,
+        "final_step": steps, "final_val_loss": loss, "tokens_per_step": 2048, "tokens_per_s": 5000.0, "parameters": 1000,
+        "curves": {"val/loss": [[half, loss + 0.3, 50.0], [steps, loss, 95.0]],
+                   "stream/growth": [[half, growth / 2, 50.0], [steps, growth, 95.0]],
+                   **{f"stream/rms_exit{k}": [[steps, 0.5 * (1 + k), 95.0]] for k in range(17)}},
+        "gates_png": None,
+    }
+
+
+def test_report_rebuilds_both_phases_from_records(tmp_path):
+    out, runs_dir = tmp_path / "out", tmp_path / "no_runs"
+    (out / "runs").mkdir(parents=True)
+    variants = ["residual", "ancre", "ancre-constant", "ancre-no-inner"]
+    short = {"residual": (2.00, 2.02, 2.01), "ancre": (2.08, 2.07, 2.09), "ancre-constant": (2.05, 2.06, 2.04), "ancre-no-inner": (2.4, 2.5, 2.45)}
+    for variant, losses in short.items():
+        for seed, loss in enumerate(losses):
+            rec = fake_record("short", variant, seed, loss, 300.0 if variant.startswith("ancre") else 27.0, 400)
+            (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
+    long_picked = ancre_ablation.pick_long(summary({v: sum(x) / 3 for v, x in short.items()}), 2)
+    assert long_picked == ["ancre", "ancre-constant"]
+    rec = fake_record("long", "residual", 0, 1.7, 30.0, 4000)
+    (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
+    results = ancre_ablation.main(["--report-only", "--out", str(out), "--runs-dir", str(runs_dir), "--variants", *variants,
+                                   "--long-variants", *long_picked])  # fmt: skip
+    assert not runs_dir.exists()
+    assert results["finished_runs"] == 13 and results["expected_runs"] == 12 + 6
+    assert results["short"]["ancre-constant"]["final_val_loss_mean"] == pytest.approx(2.05)
+    assert results["short"]["ancre-constant"]["minus_residual"] == pytest.approx(2.05 - 2.01)
+    assert results["short"]["ancre"]["final_stream_growth_mean"] == pytest.approx(300.0)
+    run = next(r for r in results["runs"] if r["name"] == "short_ancre_seed0")
+    assert run["stream_profile"] == pytest.approx([1 + k for k in range(17)])
+    assert list(results["long"]) == ["residual"]
+    table = (out / "table.md").read_text()
+    assert "| 1 | residual | plain residual" in table and "Long phase (4000 steps)" in table
+    for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png"):
+        assert (out / figure).is_file(), figure
