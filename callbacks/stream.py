@@ -35,7 +35,7 @@ class StreamGrowth(Callback):
     - ``stream/growth``: the RMS of the output over the embedding's, ``rms_exit<K> / rms_exit0``,
     - ``stream/rms_vs_depth``: a figure of ``rms_exit<k> / rms_exit0`` against k, one line per
       validation so far (the growth over training in one picture), TensorBoard image and, with
-      ``save_files``, ``<log_dir>/stream/rms_vs_depth.png`` and ``<log_dir>/stream/rms.json``.
+      ``save_files`` and a logger, ``<log_dir>/stream/rms_vs_depth.png`` and ``<log_dir>/stream/rms.json``.
 
     With pre-norm blocks every branch sees its input normalised, so a stream that grows much faster
     than the branches' outputs leaves the later layers little say in the result. ``ancre fit`` adds
@@ -68,7 +68,8 @@ class StreamGrowth(Callback):
                 f"remove it from trainer.callbacks for {type(pl_module).__name__}."
             )
         log_dir = trainer.log_dir  # a collective under DDP: every rank calls it here, once
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        # files only next to a logger's output: a run without loggers keeps its folder clean
+        self.log_dir = Path(log_dir) if log_dir is not None and trainer.loggers else None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums = self._count = None

@@ -553,11 +553,13 @@ def test_stream_growth_logs_the_rms_of_the_papers_states(tmp_path):
 def test_stream_growth_history_survives_a_resume(tmp_path):
     growth = StreamGrowth()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    trainer(2, [growth, ckpt], val_check_interval=1, enable_checkpointing=True).fit(tiny_llm("residual"), text_data())
+    trainer(2, [growth, ckpt], val_check_interval=1, enable_checkpointing=True, default_root_dir=tmp_path).fit(
+        tiny_llm("residual"), text_data())
+    assert not (tmp_path / "stream").exists()  # no logger: no files
     assert [h["step"] for h in growth.history] == [1, 2]
     resumed = StreamGrowth()
     trainer(3, [resumed, ModelCheckpoint(dirpath=tmp_path, save_top_k=0)], val_check_interval=1,
-            enable_checkpointing=True).fit(tiny_llm("residual"), text_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+            enable_checkpointing=True, default_root_dir=tmp_path).fit(tiny_llm("residual"), text_data(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert [h["step"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == growth.history
 
