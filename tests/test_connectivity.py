@@ -72,6 +72,16 @@ def ancre_reference(stack, x):
     return hs
 
 
+def assert_matches_ancre_reference(stack, x):
+    """Output, every exit and the gradients of the input and all parameters equal the paper's loop."""
+    hs = ancre_reference(stack, x)
+    out, exits = stack(x, return_exits=True)
+    torch.testing.assert_close(out, hs[-1])
+    for e, h in zip(exits, hs):
+        torch.testing.assert_close(e, h)
+    assert_same_grads(stack, x, out, hs[-1])
+
+
 @pytest.fixture
 def x():
     torch.manual_seed(42)
@@ -93,12 +103,7 @@ def test_residual_equals_plain_loop(x):
 def test_ancre_matches_reference_loop(x, normalization, k):
     stack = make_stack("ancre", k, normalization=normalization, tau=0.05)
     randomize_gates(stack)
-    hs = ancre_reference(stack, x)
-    out, exits = stack(x, return_exits=True)
-    torch.testing.assert_close(out, hs[-1])
-    for e, h in zip(exits, hs):
-        torch.testing.assert_close(e, h)
-    assert_same_grads(stack, x, out, hs[-1])
+    assert_matches_ancre_reference(stack, x)
     if k > 1:
         logit_grad = torch.autograd.grad(stack(x).square().sum(), stack.connectivity.gate_logits)[0]
         assert logit_grad.abs().sum() > 0, "no gradient reaches the gate logits"
@@ -114,12 +119,7 @@ def test_ancre_options_match_reference_loop(x, normalization, init):
         return
     stack = make_stack("ancre", 4, normalization=normalization, tau=0.05, inner_residual=False, init=init, init_weight=0.7)
     assert not stack.connectivity.inner_residual and not any(b.residual for b in stack.blocks)
-    hs = ancre_reference(stack, x)
-    out, exits = stack(x, return_exits=True)
-    torch.testing.assert_close(out, hs[-1])
-    for e, h in zip(exits, hs):
-        torch.testing.assert_close(e, h)
-    assert_same_grads(stack, x, out, hs[-1])
+    assert_matches_ancre_reference(stack, x)
     g = torch.autograd.grad(stack(x).square().sum(), stack.connectivity.gate_logits)[0]
     g_ref = torch.autograd.grad(ancre_reference(stack, x)[-1].square().sum(), stack.connectivity.gate_logits)[0]
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)  # float32 rounding, amplified by 1 / tau
