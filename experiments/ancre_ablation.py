@@ -156,6 +156,11 @@ def phase_summary(rows: list[dict], variants: list[str]) -> dict:
     return out
 
 
+def by_depth(summary: dict) -> dict:
+    """A phase summary in the depth-scaling report's shape, ``variant -> {depth: entry}``, for its plots."""
+    return {v: {str(DEPTH): e} for v, e in summary.items()}
+
+
 def pick_long(short: dict, wanted: int = LONG_PICKED) -> list[str]:
     """The long phase's ANCRe variants: as released and the ``wanted - 1`` other ANCRe variants
     with the lowest mean short-phase loss (call it once every short run is done, so that the
@@ -243,14 +248,14 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
     if short_rows:
         figures += [out / "short_losses.png", out / "short_curves.png", out / "stream_growth.png"]
         plot_short_losses(short_rows, short, figures[0])
-        plot_curves_deepest(short_rows, short, DEPTH, figures[1])
+        plot_curves_deepest(short_rows, by_depth(short), DEPTH, figures[1])
         plot_stream(short_rows, variants, figures[2])
         if plot_gates_deepest(short_rows, [v for v in variants if v.startswith("ancre")], DEPTH, out / "gates.png"):
             figures.append(out / "gates.png")
         lines += phase_table(f"Short phase ({short_rows[0]['final_step']} steps, {DEPTH} blocks of width 64)", short)
     if long_rows:
         figures.append(out / "long_curves.png")
-        plot_curves_deepest(long_rows, long, DEPTH, figures[-1])
+        plot_curves_deepest(long_rows, by_depth(long), DEPTH, figures[-1])
         lines += phase_table(f"Long phase ({long_rows[0]['final_step']} steps)", long)
     all_rows = short_rows + long_rows
     head = run_record(args.runs_dir, {r["name"]: r for r in all_rows}, len(short_specs) + len(long_specs), records)

@@ -100,7 +100,11 @@ def fake_record(phase: str, variant: str, seed: int, loss: float, growth: float,
     }
 
 
-def test_report_rebuilds_both_phases_from_records(tmp_path):
+def test_report_rebuilds_both_phases_from_records(tmp_path, monkeypatch):
+    drawn = []  # the curves the report draws: every variant of a phase, at the ablation's depth
+    plot = ancre_ablation.plot_curves_deepest
+    monkeypatch.setattr(ancre_ablation, "plot_curves_deepest", lambda rows, summary, depth, path: (
+        drawn.append(sorted(v for v, e in summary.items() if str(depth) in e)), plot(rows, summary, depth, path)))
     out, runs_dir = tmp_path / "out", tmp_path / "no_runs"
     (out / "runs").mkdir(parents=True)
     variants = ["residual", "ancre", "ancre-constant", "ancre-no-inner"]
@@ -123,6 +127,7 @@ def test_report_rebuilds_both_phases_from_records(tmp_path):
     run = next(r for r in results["runs"] if r["name"] == "short_ancre_seed0")
     assert run["stream_profile"] == pytest.approx([1 + k for k in range(17)])
     assert list(results["long"]) == ["residual"]
+    assert drawn == [sorted(variants), ["residual"]]
     table = (out / "table.md").read_text()
     assert "| 1 | residual | plain residual" in table and "Long phase (4000 steps)" in table
     for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png"):
