@@ -166,6 +166,11 @@ def test_ancre_inner_residual_option_reaches_the_models_and_rewire():
                       connectivity_options={"inner_residual": False})  # fmt: skip
         assert lm.stack.num_layers == layers and not lm.stack.connectivity.inner_residual
         assert all(not getattr(b, "inner_residual", getattr(b, "residual", True)) for b in lm.stack.blocks)
+    import test_rewire
+    from ancre_lightning import rewire
+
+    wired = rewire(test_rewire.make("timm_vit"), "ancre", inner_residual=False).blocks  # timm's blocks split in two
+    assert not wired.connectivity.inner_residual and [layer.residual for layer in wired.blocks] == [False] * 3
 
 
 def test_ancre_gate_gradient_matches_reference(x):
