@@ -41,7 +41,8 @@ class AncreCLI(LightningCLI):
     A misspelt or mistyped option, or a ``--ckpt_path`` that is unreadable or belongs to another
     model, ends in one :class:`UserInputError` before anything is built or written; every trainer
     gets a :class:`~ancre_lightning.callbacks.FiniteGuard` and (for a module with ``exit_states``) a
-    :class:`~ancre_lightning.callbacks.StreamGrowth` unless ``trainer.callbacks`` has one, and, when standard output is not a terminal, a
+    :class:`~ancre_lightning.callbacks.StreamGrowth` unless ``trainer.callbacks`` has one, and,
+    when standard output is not a terminal, a
     :class:`~ancre_lightning.callbacks.LineProgressBar` (plain lines instead of redrawn bars) unless
     ``trainer.callbacks`` has a progress bar or ``trainer.enable_progress_bar`` is false.
 

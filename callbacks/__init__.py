@@ -30,7 +30,7 @@ from .early_exit import EarlyExitEvaluation, confidence_exit, cutoff_layer, pred
 from .finite_guard import FiniteGuard
 from .progress import LineProgressBar
 from .sparsity import GateSparsity, shortcut_penalty
-from .stream import StreamGrowth, stream_rms
+from .stream import StreamGrowth, stream_mean_squares
 from .temperature import GateTemperatureAnnealing, annealed_temperature
 from .visualization import GateVisualization
 
@@ -48,5 +48,5 @@ __all__ = [
     "predictive_entropy",
     "row_entropy",
     "shortcut_penalty",
-    "stream_rms",
+    "stream_mean_squares",
 ]

@@ -18,7 +18,7 @@ from ancre_lightning.errors import UserInputError
 from ._surface import figure_to_rgb, log_scalars, new_figure, save_png, tensorboard_writers
 
 
-def stream_rms(states: list[Tensor]) -> Tensor:
+def stream_mean_squares(states: list[Tensor]) -> Tensor:
     """Mean square of every state over all its elements, in float32: K+1 states -> (K+1,)."""
     return torch.stack([s.detach().float().square().mean() for s in states])
 
@@ -82,7 +82,7 @@ class StreamGrowth(Callback):
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
             states = pl_module.exit_states(batch)
         n = torch.tensor(float(states[0].numel()), device=states[0].device)
-        sums = stream_rms(states) * n  # (K+1,)
+        sums = stream_mean_squares(states) * n  # (K+1,)
         self._sums = sums if self._sums is None else self._sums + sums
         self._count = n if self._count is None else self._count + n
 
