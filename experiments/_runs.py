@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ancre_lightning.atomic import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = Path(__file__).resolve().parent
 RUN_VERSION = "run"  # the TensorBoard logger's version folder inside every run folder
@@ -126,9 +128,7 @@ class RunRecords:
             small_png(png, self.png_path(spec.name), self.png_max_px)
             record["gates_png"] = self.png_path(spec.name).name
             self.written.append(self.png_path(spec.name))
-        tmp = self.json_path(spec.name).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(self.json_path(spec.name))
+        atomic_write_bytes(self.json_path(spec.name), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
         self.written.append(self.json_path(spec.name))
         return record
 
