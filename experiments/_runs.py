@@ -417,6 +417,38 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def welch(a: list[float], b: list[float]) -> dict | None:
+    """Difference of the means of two samples, ``mean(a) - mean(b)``, with its standard error
+    ``sqrt(var_a / n_a + var_b / n_b)`` (sample variances), Welch's ``t`` (the difference over that
+    error; None when it is 0) and the Welch-Satterthwaite degrees of freedom. None unless both
+    samples have at least two values."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa * sa / len(a), sb * sb / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1)) if va + vb > 0 else None
+    return {"diff": ma - mb, "se": se, "t": (ma - mb) / se if se > 0 else None, "df": df}
+
+
+def difference_of_differences(first: dict | None, second: dict | None) -> dict | None:
+    """``first["diff"] - second["diff"]`` for two independent :func:`welch` results, its standard
+    error (the errors added in quadrature) and ``t``; None if either is None."""
+    if first is None or second is None:
+        return None
+    se = math.sqrt(first["se"] ** 2 + second["se"] ** 2)
+    diff = first["diff"] - second["diff"]
+    return {"diff": diff, "se": se, "t": diff / se if se > 0 else None}
+
+
+def fmt_t(stats: dict | None) -> str:
+    """``+0.0123 +- 0.0045 (t -2.7)`` for a :func:`welch` result, ``-`` for None."""
+    if stats is None:
+        return "-"
+    t = "-" if stats["t"] is None else f"{stats['t']:+.1f}"
+    return f"{stats['diff']:+.4f} +- {stats['se']:.4f} (t {t})"
+
+
 def machine() -> dict:
     """Where the report was made: CPU count and model, Python, torch and Lightning versions."""
     import lightning

@@ -50,6 +50,7 @@ from _runs import (  # noqa: E402
     RunRecords,
     RunSpec,
     ancre_coefficients,
+    fmt_t,
     last_checkpoint,
     launch_unless_report_only,
     mean_std,
@@ -223,14 +224,15 @@ def phase_table(title: str, summary: dict) -> list[str]:
     """Markdown rows of one phase, ranked by mean final validation loss."""
     lines = [f"{title}:", "",
              "| rank | variant | what changes | seeds | final val loss (mean +- std) | min..max | minus residual | "
-             "steps to residual's loss (fraction, per seed) | stream growth at the end | wall per run (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | stream growth at the end | "
+             "wall per run (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (v, e) in enumerate(sorted(summary.items(), key=lambda item: item[1]["final_val_loss_mean"]), 1):
         fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
         lines.append(
             f"| {rank} | {v} | {e['description']} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- "
             f"{e['final_val_loss_std']:.4f} | {e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | "
-            f"{fmt(e['minus_residual'], '+.4f')} | {fractions} | {fmt(e['final_stream_growth_mean'], '.3g')}x | "
+            f"{fmt(e['minus_residual'], '+.4f')} | {fmt_t(e['minus_residual_welch'])} | {fractions} | {fmt(e['final_stream_growth_mean'], '.3g')}x | "
             f"{e['wall_s_mean'] / 60:.1f} |"
         )
     return lines + [""]

@@ -27,15 +27,17 @@ works on a fresh clone that has no ``experiments/runs/``. The report (``--out``,
 
 - ``results.json``: one record per run (wiring, depth, seed, final validation loss, the step at
   which it reaches residual's final loss at the same depth, wall time, tokens/s, parameter count,
-  its curves), the summary per wiring and depth, the pairs that got a third seed, and the step
-  times measured by ``--measure`` (when ``step_times.json`` is in ``--out``);
+  its curves), the summary per wiring and depth, the depth gains, the pairs that got a third
+  seed, and the step times measured by ``--measure`` (when ``step_times.json`` is in ``--out``);
 - ``loss_vs_depth.png``: final validation loss against depth per wiring (mean, min-max band), and
   the same minus residual's mean;
 - ``curves_deepest.png``: validation loss against step at the deepest depth (mean, min-max band);
 - ``walltime_deepest.png``: validation loss against wall-clock time at the deepest depth (every run);
 - ``gates_deepest.png``: the learned wirings at the end, deepest depth, lowest seed (the
   GateVisualization heatmaps of each run, as copied into the records);
-- ``table.md``: the leaderboard (loss by depth, and per depth ranked by loss).
+- ``table.md``: the leaderboard (loss by depth; whether depth pays off, the change from the
+  shallowest to the deepest depth against residual's, with its standard error and Welch's t;
+  and per depth ranked by loss, each gap to residual with its error and t).
 
 Finished runs are skipped, so the same command resumes an interrupted sweep (a run that was cut
 off starts again from scratch). Across sessions, each on a fresh clone: run the same command, and
@@ -65,6 +67,8 @@ from _runs import (  # noqa: E402
     EXPERIMENTS,
     RunRecords,
     RunSpec,
+    difference_of_differences,
+    fmt_t,
     interpolate_crossing,
     launch_unless_report_only,
     log_dir,
@@ -78,6 +82,7 @@ from _runs import (  # noqa: E402
     run_record,
     sweep_parser,
     validation_curve,
+    welch,
     write_report,
 )
 
@@ -263,9 +268,15 @@ def add_steps_to_residual(records: list[dict]) -> None:
                                                      else interpolate_crossing(r["val_loss"], twin["final_val_loss"]))
 
 
+def final_losses(records: list[dict], wiring: str, depth: int) -> list[float]:
+    """The final validation losses of one wiring at one depth, one per finished seed."""
+    return [r["final_val_loss"] for r in records if r["wiring"] == wiring and r["depth"] == depth]
+
+
 def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
     """Per wiring and depth: final loss over seeds (mean, std, min, max), the gap to residual's
-    mean, steps to residual's loss per seed, wall time, throughput, parameters."""
+    mean (with its standard error and Welch's t against residual's seeds once both have two),
+    steps to residual's loss per seed, wall time, throughput, parameters."""
     out: dict[str, dict] = {}
     for w in wirings:
         for d in depths:
@@ -283,12 +294,30 @@ def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dic
                 "final_val_loss_min": min(losses),
                 "final_val_loss_max": max(losses),
                 "minus_residual": None if ref is None else mean - ref,
+                "minus_residual_welch": None if w == "residual" else welch(losses, final_losses(records, "residual", d)),
                 "fraction_of_residual_steps_per_seed": [r["fraction_of_residual_steps"] for r in sorted(mine, key=lambda r: r["seed"])],
                 "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
                 "tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
                 "parameters": mine[0]["parameters"],
                 "mean_curve": mean_curve([r["val_loss"] for r in mine]),
             }
+    return out
+
+
+def depth_gains(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
+    """Does depth pay off? Per wiring, the change of its mean final loss from the shallowest to the
+    deepest of ``depths`` (negative: the deeper network is better) with its standard error, and
+    that change minus residual's (negative: depth pays off more than for residual) with the errors
+    of both added in quadrature. A wiring needs two seeds at both depths; residual's own row has
+    no comparison."""
+    shallow, deep = min(depths), max(depths)
+    base = welch(final_losses(records, "residual", deep), final_losses(records, "residual", shallow))
+    out = {}
+    for w in wirings:
+        gain = welch(final_losses(records, w, deep), final_losses(records, w, shallow))
+        if gain is not None:
+            out[w] = {"from": shallow, "to": deep, "gain": gain,
+                      "minus_residual": None if w == "residual" else difference_of_differences(gain, base)}
     return out
 
 
@@ -455,8 +484,9 @@ def fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(summary: dict, depths: list[int], pairs: list[dict]) -> str:
-    """Markdown: final loss by wiring and depth, then a leaderboard per depth."""
+def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | None = None) -> str:
+    """Markdown: final loss by wiring and depth, whether depth pays off (``gains``, from
+    :func:`depth_gains`), then a leaderboard per depth."""
     present = [d for d in depths if any(str(d) in by_depth for by_depth in summary.values())]
     lines = ["Final validation loss (nats/byte), mean +- std over seeds (n):", "",
              "| wiring | " + " | ".join(f"{d} blocks" for d in present) + " | deepest minus shallowest |",
@@ -467,19 +497,28 @@ def table(summary: dict, depths: list[int], pairs: list[dict]) -> str:
         ends = [d for d in present if str(d) in by_depth]
         gain = (by_depth[str(ends[-1])]["final_val_loss_mean"] - by_depth[str(ends[0])]["final_val_loss_mean"]) if len(ends) > 1 else None
         lines.append(f"| {w} | " + " | ".join(cells) + f" | {fmt(gain, '+.4f')} |")
+    if gains:
+        first = next(iter(gains.values()))
+        lines += ["", f"Does depth pay off? The change of the final loss from {first['from']} to {first['to']} blocks "
+                  "(mean difference +- its standard error, Welch's t), and that change minus residual's "
+                  "(below 0: depth pays off more than for residual):", "",
+                  f"| wiring | {first['from']} -> {first['to']} blocks | minus residual's change |", "|---|---|---|"]
+        for w, g in sorted(gains.items(), key=lambda item: item[1]["gain"]["diff"]):
+            lines.append(f"| {w} | {fmt_t(g['gain'])} | {fmt_t(g['minus_residual'])} |")
     for d in present:
         rows = sorted(((w, by_depth[str(d)]) for w, by_depth in summary.items() if str(d) in by_depth),
                       key=lambda item: item[1]["final_val_loss_mean"])
         lines += ["", f"Leaderboard at {d} blocks:", "",
                   "| rank | wiring | seeds | final val loss (mean +- std) | min..max | minus residual | "
-                  "steps to residual's loss (fraction, per seed) | wall per run (min) | tokens/s | parameters |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | wall per run (min) | "
+                  "tokens/s | parameters |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for rank, (w, e) in enumerate(rows, 1):
             fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
             lines.append(
                 f"| {rank} | {w} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- {e['final_val_loss_std']:.4f} | "
                 f"{e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | {fmt(e['minus_residual'], '+.4f')} | "
-                f"{fractions} | {e['wall_s_mean'] / 60:.1f} | {fmt(e['tokens_per_s_mean'], '.0f')} | {e['parameters']:,} |"
+                f"{fmt_t(e['minus_residual_welch'])} | {fractions} | {e['wall_s_mean'] / 60:.1f} | {fmt(e['tokens_per_s_mean'], '.0f')} | {e['parameters']:,} |"
             )
     if pairs:
         lines += ["", "Pairs within two standard deviations after the first seeds (both got a third seed):", ""]
@@ -495,6 +534,7 @@ def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wi
     records = collect(run_records, all_specs)
     head = run_record(runs_dir, {r["name"]: r for r in records}, len(all_specs), run_records)
     summary = summarize(records, wirings, depths)
+    gains = depth_gains(records, wirings, depths)
     out.mkdir(parents=True, exist_ok=True)
     deepest = max(r["depth"] for r in records)
     figures = [out / "loss_vs_depth.png", out / "curves_deepest.png", out / "walltime_deepest.png"]
@@ -512,10 +552,11 @@ def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wi
         "deepest": deepest,
         "third_seed_pairs": pairs,
         "summary": summary,
+        "depth_gains": gains,
         "step_times": json.loads(measured.read_text(encoding="utf-8")) if measured.is_file() else None,
         "runs": [{**r, "gates_png": r["gates_png"] and portable(r["gates_png"])} for r in records],
     }
-    write_report(out, results, table(summary, depths, pairs), figures)
+    write_report(out, results, table(summary, depths, pairs, gains), figures)
     return results
 
 

@@ -130,5 +130,7 @@ def test_report_rebuilds_both_phases_from_records(tmp_path, monkeypatch):
     assert drawn == [sorted(variants), ["residual"]]
     table = (out / "table.md").read_text()
     assert "| 1 | residual | plain residual" in table and "Long phase (4000 steps)" in table
+    # constant minus residual over 3 + 3 seeds, both std 0.01: se sqrt(2 * 0.01^2 / 3), t 0.04 / se
+    assert "| +0.0400 | +0.0400 +- 0.0082 (t +4.9) |" in table
     for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png"):
         assert (out / figure).is_file(), figure

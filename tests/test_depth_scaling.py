@@ -110,6 +110,21 @@ def test_steps_to_residual_loss():
     assert x8["steps_to_residual_loss"] is None and x8["residual_final_val_loss_mean"] is None
 
 
+def test_welch_t_and_the_difference_of_two_gaps():
+    """Welch's statistics from their definitions: a = [1, 2, 3] (mean 2, variance 1), b = [2, 4]
+    (mean 3, variance 2): se = sqrt(1/3 + 2/2), df = se^4 / ((1/3)^2 / 2 + 1^2 / 1) = 32/19."""
+    stats = _runs.welch([1.0, 2.0, 3.0], [2.0, 4.0])
+    assert stats["diff"] == pytest.approx(-1.0)
+    assert stats["se"] == pytest.approx((4 / 3) ** 0.5)
+    assert stats["t"] == pytest.approx(-1.0 / (4 / 3) ** 0.5)
+    assert stats["df"] == pytest.approx(32 / 19)
+    assert _runs.welch([1.0], [2.0, 3.0]) is None  # one seed: no spread, no test
+    assert _runs.welch([1.0, 1.0], [2.0, 2.0])["t"] is None  # no spread at all
+    both = _runs.difference_of_differences({"diff": -0.3, "se": 0.3}, {"diff": -0.1, "se": 0.4})
+    assert both["diff"] == pytest.approx(-0.2) and both["se"] == pytest.approx(0.5) and both["t"] == pytest.approx(-0.4)
+    assert _runs.fmt_t(stats) == "-1.0000 +- 1.1547 (t -0.9)" and _runs.fmt_t(None) == "-"
+
+
 def fake_record(wiring: str, depth: int, seed: int, loss: float) -> dict:
     """A made-up record as RunRecords.write leaves it (``<out>/runs/<name>.json``)."""
     name = depth_scaling.run_name(wiring, depth, seed)
@@ -152,7 +167,17 @@ def test_report_rebuilds_from_records_without_run_folders(tmp_path):
     assert ancre["tokens_per_s_wall"] == pytest.approx(90 * 2048 / 108.0)
     assert ancre["steps_to_residual_loss"] == pytest.approx(45 + 45 * (1.60 - 1.455) / 0.30)
     assert json.loads((out / "results.json").read_text())["finished_runs"] == 8
-    assert "| 1 | ancre | 2 | 1.3100" in (out / "table.md").read_text()
+    # ancre at 8 blocks minus residual: 1.31 - 1.455, se sqrt(0.0002/2 + 0.00005/2)
+    assert results["summary"]["ancre"]["8"]["minus_residual_welch"]["se"] == pytest.approx(0.000125 ** 0.5)
+    # depth from 4 to 8 blocks: residual -0.055, ancre -0.095, each with se sqrt(0.000125)
+    gains = results["depth_gains"]
+    assert gains["residual"]["gain"]["diff"] == pytest.approx(1.455 - 1.51) and gains["residual"]["minus_residual"] is None
+    assert gains["ancre"]["gain"]["diff"] == pytest.approx(1.31 - 1.405)
+    assert gains["ancre"]["minus_residual"]["diff"] == pytest.approx(-0.04)
+    assert gains["ancre"]["minus_residual"]["se"] == pytest.approx(0.00025 ** 0.5)
+    text = (out / "table.md").read_text()
+    assert "| 1 | ancre | 2 | 1.3100" in text
+    assert "| ancre | -0.0950 +- 0.0112 (t -8.5) | -0.0400 +- 0.0158 (t -2.5) |" in text
     for figure in ("loss_vs_depth.png", "curves_deepest.png", "walltime_deepest.png", "gates_deepest.png"):
         assert (out / figure).is_file(), figure
 
