@@ -24,9 +24,11 @@ from the records). The report (``--out``, default ``experiments/out/ancre_ablati
   stream's growth at the end);
 - ``short_losses.png``: final validation loss per variant, every seed a point;
 - ``short_curves.png`` / ``long_curves.png``: validation loss against step (mean, min-max band);
-- ``stream_growth.png``: the output's RMS over the embedding's during training, per variant, and the
-  profile after every block at the end;
-- ``gates.png``: the learned wirings at the end of the short phase (seed 0);
+- ``long_gap.png``: each variant's validation loss minus its same-seed residual run's, against step
+  (every seed a thin line, their mean thick): where a variant falls behind, crosses and leads;
+- ``stream_growth.png`` / ``long_stream_growth.png``: the output's RMS over the embedding's during
+  training, per variant, and the profile after every block at the end;
+- ``gates.png`` / ``long_gates.png``: the learned wirings at the end of each phase (lowest seed);
 - ``table.md``: both phases as tables.
 
 Commands::
@@ -135,12 +137,36 @@ def stream_growth(record: dict) -> tuple[list[tuple[int, float]], list[float]]:
     return growth, [p / profile[0] for p in profile] if profile and profile[0] > 0 else []
 
 
+def gap_to_twin(curve: list[tuple[int, float]], twin: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """``curve`` minus ``twin`` (the same seed's residual run) at the steps both logged: ``[(step, gap)]``."""
+    other = dict(twin)
+    return [(step, value - other[step]) for step, value in curve if step in other]
+
+
+def ahead_from(gap: list[tuple[int, float]]) -> float | None:
+    """The step from which a run stays ahead of its residual twin to the end (gap below 0 at every
+    later evaluation), interpolated between the two evaluations around the last crossing; None when
+    it ends level or behind. A run ahead at its first evaluation is ahead from that step."""
+    if not gap or gap[-1][1] >= 0:
+        return None
+    last_behind = max((i for i, (_, g) in enumerate(gap) if g >= 0), default=None)
+    if last_behind is None:
+        return float(gap[0][0])
+    (s0, g0), (s1, g1) = gap[last_behind], gap[last_behind + 1]
+    return s0 + (s1 - s0) * g0 / (g0 - g1)
+
+
 def phase_rows(records: RunRecords, phase_specs: list[RunSpec]) -> list[dict]:
-    """The finished runs of one phase, with steps to residual's final loss and the stream growth."""
+    """The finished runs of one phase, with steps to residual's final loss, the gap to the same
+    seed's residual run over training (and the step from which it stays ahead), and the stream growth."""
     rows = collect(records, phase_specs)  # with the steps to residual's final loss (of this phase's residual runs)
+    twins = {r["seed"]: r for r in rows if r["wiring"] == "residual"}
     for r in rows:
         r["stream_growth"], r["stream_profile"] = stream_growth(records.load(r["name"]))
         r["final_stream_growth"] = r["stream_growth"][-1][1] if r["stream_growth"] else None
+        twin = twins.get(r["seed"])
+        r["gap_to_residual"] = None if twin is None or r is twin else gap_to_twin(r["val_loss"], twin["val_loss"])
+        r["ahead_of_residual_from"] = None if r["gap_to_residual"] is None else ahead_from(r["gap_to_residual"])
     return rows
 
 
@@ -152,6 +178,8 @@ def phase_summary(rows: list[dict], variants: list[str]) -> dict:
         entry = by_depth[str(DEPTH)]
         growths = [r["final_stream_growth"] for r in rows if r["wiring"] == v and r["final_stream_growth"] is not None]
         entry["final_stream_growth_mean"] = sum(growths) / len(growths) if growths else None
+        entry["ahead_of_residual_from_per_seed"] = [r["ahead_of_residual_from"] for r in sorted(
+            (r for r in rows if r["wiring"] == v), key=lambda r: r["seed"])]
         entry["description"] = VARIANTS[v][1]
         out[v] = entry
     return out
@@ -220,20 +248,45 @@ def plot_stream(rows: list[dict], variants: list[str], path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_gap(rows: list[dict], variants: list[str], path: Path) -> None:
+    """Validation loss minus the same seed's residual run against step, per variant: every seed a
+    thin line, the mean over seeds thick; below zero the variant is ahead."""
+    col = colors(list(VARIANTS))
+    fig = new_figure(8.5, 4.6)
+    ax = fig.subplots()
+    for v in variants:
+        mine = [r for r in rows if r["wiring"] == v and r["gap_to_residual"]]
+        if not mine:
+            continue
+        for r in mine:
+            ax.plot(*zip(*r["gap_to_residual"]), color=col[v], linewidth=0.7, alpha=0.45)
+        steps = sorted(set.intersection(*(set(s for s, _ in r["gap_to_residual"]) for r in mine)))
+        tables = [dict(r["gap_to_residual"]) for r in mine]
+        ax.plot(steps, [sum(t[s] for t in tables) / len(tables) for s in steps], color=col[v], linewidth=1.8, label=v)
+    ax.axhline(0.0, color="black", linewidth=0.9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss minus the same seed's residual run")
+    ax.set_title(f"{DEPTH} blocks: below 0 ahead of residual (thin: seeds, thick: mean)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
 def phase_table(title: str, summary: dict) -> list[str]:
     """Markdown rows of one phase, ranked by mean final validation loss."""
     lines = [f"{title}:", "",
              "| rank | variant | what changes | seeds | final val loss (mean +- std) | min..max | minus residual | "
-             "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | stream growth at the end | "
-             "wall per run (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | "
+             "ahead of its residual twin from step (per seed) | stream growth at the end | wall per run (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (v, e) in enumerate(sorted(summary.items(), key=lambda item: item[1]["final_val_loss_mean"]), 1):
         fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
+        ahead = "-" if v == "residual" else ", ".join("never" if a is None else f"{a:.0f}" for a in e["ahead_of_residual_from_per_seed"])
         lines.append(
             f"| {rank} | {v} | {e['description']} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- "
             f"{e['final_val_loss_std']:.4f} | {e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | "
-            f"{fmt(e['minus_residual'], '+.4f')} | {fmt_t(e['minus_residual_welch'])} | {fractions} | {fmt(e['final_stream_growth_mean'], '.3g')}x | "
-            f"{e['wall_s_mean'] / 60:.1f} |"
+            f"{fmt(e['minus_residual'], '+.4f')} | {fmt_t(e['minus_residual_welch'])} | {fractions} | {ahead} | "
+            f"{fmt(e['final_stream_growth_mean'], '.3g')}x | {e['wall_s_mean'] / 60:.1f} |"
         )
     return lines + [""]
 
@@ -256,8 +309,13 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
             figures.append(out / "gates.png")
         lines += phase_table(f"Short phase ({short_rows[0]['final_step']} steps, {DEPTH} blocks of width 64)", short)
     if long_rows:
-        figures.append(out / "long_curves.png")
-        plot_curves_deepest(long_rows, by_depth(long), DEPTH, figures[-1])
+        long_names = list(long)
+        figures += [out / "long_curves.png", out / "long_gap.png", out / "long_stream_growth.png"]
+        plot_curves_deepest(long_rows, by_depth(long), DEPTH, figures[-3])
+        plot_gap(long_rows, long_names, figures[-2])
+        plot_stream(long_rows, long_names, figures[-1])
+        if plot_gates_deepest(long_rows, [v for v in long_names if v.startswith("ancre")], DEPTH, out / "long_gates.png"):
+            figures.append(out / "long_gates.png")
         lines += phase_table(f"Long phase ({long_rows[0]['final_step']} steps)", long)
     all_rows = short_rows + long_rows
     head = run_record(args.runs_dir, {r["name"]: r for r in all_rows}, len(short_specs) + len(long_specs), records)

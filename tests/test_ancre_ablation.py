@@ -115,22 +115,45 @@ def test_report_rebuilds_both_phases_from_records(tmp_path, monkeypatch):
             (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
     long_picked = ancre_ablation.pick_long(summary({v: sum(x) / 3 for v, x in short.items()}), 2)
     assert long_picked == ["ancre", "ancre-constant"]
-    rec = fake_record("long", "residual", 0, 1.7, 30.0, 4000)
+    rec = fake_record("long", "residual", 0, 1.7, 30.0, 4000)  # val/loss 2.0 at step 2000, 1.7 at 4000
+    (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
+    rec = fake_record("long", "ancre", 0, 1.65, 60.0, 4000)
+    rec["curves"]["val/loss"] = [[2000, 2.05, 50.0], [4000, 1.65, 95.0]]  # behind by 0.05, then ahead by 0.05
     (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
     results = ancre_ablation.main(["--report-only", "--out", str(out), "--runs-dir", str(runs_dir), "--variants", *variants,
                                    "--long-variants", *long_picked])  # fmt: skip
     assert not runs_dir.exists()
-    assert results["finished_runs"] == 13 and results["expected_runs"] == 12 + 6
+    assert results["finished_runs"] == 14 and results["expected_runs"] == 12 + 6
     assert results["short"]["ancre-constant"]["final_val_loss_mean"] == pytest.approx(2.05)
     assert results["short"]["ancre-constant"]["minus_residual"] == pytest.approx(2.05 - 2.01)
     assert results["short"]["ancre"]["final_stream_growth_mean"] == pytest.approx(300.0)
     run = next(r for r in results["runs"] if r["name"] == "short_ancre_seed0")
     assert run["stream_profile"] == pytest.approx([1 + k for k in range(17)])
-    assert list(results["long"]) == ["residual"]
-    assert drawn == [sorted(variants), ["residual"]]
+    assert list(results["long"]) == ["residual", "ancre"]
+    assert results["long"]["ancre"]["ahead_of_residual_from_per_seed"] == [pytest.approx(3000.0)]
+    long_ancre = next(r for r in results["runs"] if r["name"] == "long_ancre_seed0")
+    assert long_ancre["gap_to_residual"] == [(2000, pytest.approx(0.05)), (4000, pytest.approx(-0.05))]
+    assert drawn == [sorted(variants), ["ancre", "residual"]]
     table = (out / "table.md").read_text()
     assert "| 1 | residual | plain residual" in table and "Long phase (4000 steps)" in table
+    assert "| 0.94 | 3000 | 60x |" in table  # ancre reaches residual's 1.7 at step 3750 (0.94), leads from 3000
     # constant minus residual over 3 + 3 seeds, both std 0.01: se sqrt(2 * 0.01^2 / 3), t 0.04 / se
     assert "| +0.0400 | +0.0400 +- 0.0082 (t +4.9) |" in table
-    for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png"):
+    for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png", "long_gap.png",
+                   "long_stream_growth.png"):
         assert (out / figure).is_file(), figure
+
+
+def test_ahead_from_is_the_step_of_the_last_crossing():
+    # behind, ahead, behind again, then ahead to the end: the lead counts from the last crossing
+    gap = [(100, 0.2), (200, -0.1), (300, 0.1), (400, -0.1), (500, -0.3)]
+    assert ancre_ablation.ahead_from(gap) == pytest.approx(350.0)
+    assert ancre_ablation.ahead_from([(100, -0.1), (200, -0.2)]) == 100.0  # ahead from the first evaluation
+    assert ancre_ablation.ahead_from([(100, -0.1), (200, 0.0)]) is None  # level at the end is not ahead
+    assert ancre_ablation.ahead_from([]) is None
+
+
+def test_gap_to_twin_pairs_the_steps_both_runs_logged():
+    curve = [(100, 2.0), (200, 1.8), (300, 1.6)]
+    twin = [(100, 2.1), (300, 1.5), (400, 1.4)]
+    assert ancre_ablation.gap_to_twin(curve, twin) == [(100, pytest.approx(-0.1)), (300, pytest.approx(0.1))]
