@@ -10,9 +10,11 @@ Two phases:
 
 - ``short``: every variant of :data:`VARIANTS` (residual, DenseFormer and the ANCRe variants), 400
   steps, seeds 0, 1 and 2, validation every 25 steps;
-- ``long``: residual and 4 ANCRe variants, 4000 steps (ten times longer), seeds 0 and 1, validation
-  every 200 steps. Unless ``--long-variants`` names them, the 4 are ANCRe as released and the 3
-  other ANCRe variants with the lowest mean short-phase loss (chosen once every short run is done).
+- ``long``: residual, DenseFormer and 4 ANCRe variants, 4000 steps (ten times longer), seeds 0 and 1,
+  validation every 200 steps. Unless ``--long-variants`` names them, the 4 are ANCRe as released and
+  the 3 other ANCRe variants with the lowest mean short-phase loss (chosen once every short run is
+  done). DenseFormer (``--long-references``), the best short-phase wiring that is not ANCRe, tells
+  whether what ANCRe gains with the longer budget is ANCRe's or any dense wiring's.
 
 Records, resuming, the report: as in ``depth_scaling.py`` (one committed record per finished run in
 ``<out>/runs/``, with its curves, the ``stream/*`` scalars, the learned ANCRe wiring of its last
@@ -99,6 +101,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 SHORT = {"steps": 400, "val_every": 25, "seeds": [0, 1, 2]}
 LONG = {"steps": 4000, "val_every": 200, "seeds": [0, 1]}
 LONG_PICKED = 4  # ANCRe variants in the long phase (as released + the best others), plus residual
+#: the long phase's wirings beside residual that are not ANCRe: the reference for ANCRe's late lead
+LONG_REFERENCES = ["denseformer"]
 QUICK_VARIANTS = ["residual", "ancre", "ancre-no-inner", "ancre-residual-start"]
 
 
@@ -298,7 +302,7 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
     variants = list(dict.fromkeys(s.meta["wiring"] for s in short_specs))
     short_rows, long_rows = phase_rows(records, short_specs), phase_rows(records, long_specs)
     short = phase_summary(short_rows, variants)
-    long = phase_summary(long_rows, ["residual", *(long_variants or [])])
+    long = phase_summary(long_rows, list(dict.fromkeys(s.meta["wiring"] for s in long_specs)))
     figures, lines = [], []
     if short_rows:
         figures += [out / "short_losses.png", out / "short_curves.png", out / "stream_growth.png"]
@@ -344,6 +348,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="short-phase variants")
     p.add_argument("--long-variants", nargs="+", default=None,
                    help=f"ANCRe variants of the long phase (default: as released + the {LONG_PICKED - 1} best others of the short phase)")
+    p.add_argument("--long-references", nargs="*", default=LONG_REFERENCES,
+                   help="wirings of the long phase beside residual and the ANCRe variants (none: give the flag alone)")
     return p.parse_args(argv)
 
 
@@ -370,9 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     long_specs = []
     if long_variants:
         long_specs = [spec("long", v, s, long_cfg["steps"], long_cfg["val_every"], extra)
-                      for s in long_cfg["seeds"] for v in ["residual", *long_variants]]
+                      for s in long_cfg["seeds"] for v in dict.fromkeys(["residual", *args.long_references, *long_variants])]
         if args.phase in ("long", "both"):
-            print(f"long phase: residual and {', '.join(long_variants)}", flush=True)
+            print(f"long phase: {', '.join(['residual', *args.long_references, *long_variants])}", flush=True)
             launch_unless_report_only(args, long_specs, records)
     elif args.phase != "short":
         print("long phase waits for every short run (or name its variants with --long-variants)", flush=True)

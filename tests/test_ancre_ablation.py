@@ -123,7 +123,7 @@ def test_report_rebuilds_both_phases_from_records(tmp_path, monkeypatch):
     results = ancre_ablation.main(["--report-only", "--out", str(out), "--runs-dir", str(runs_dir), "--variants", *variants,
                                    "--long-variants", *long_picked])  # fmt: skip
     assert not runs_dir.exists()
-    assert results["finished_runs"] == 14 and results["expected_runs"] == 12 + 6
+    assert results["finished_runs"] == 14 and results["expected_runs"] == 12 + 8  # long: residual, denseformer and 2 ANCRe variants x 2 seeds
     assert results["short"]["ancre-constant"]["final_val_loss_mean"] == pytest.approx(2.05)
     assert results["short"]["ancre-constant"]["minus_residual"] == pytest.approx(2.05 - 2.01)
     assert results["short"]["ancre"]["final_stream_growth_mean"] == pytest.approx(300.0)
