@@ -417,36 +417,67 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def two_sided_p(t: float | None, df: float | None) -> float | None:
+    """Two-sided p-value of Student's ``t`` with ``df`` degrees of freedom (None if either is None)."""
+    if t is None or df is None or not df > 0:
+        return None
+    from scipy.stats import t as student
+
+    return float(2 * student.sf(abs(t), df))
+
+
 def welch(a: list[float], b: list[float]) -> dict | None:
     """Difference of the means of two samples, ``mean(a) - mean(b)``, with its standard error
     ``sqrt(var_a / n_a + var_b / n_b)`` (sample variances), Welch's ``t`` (the difference over that
-    error; None when it is 0) and the Welch-Satterthwaite degrees of freedom. None unless both
-    samples have at least two values."""
+    error; None when it is 0), the Welch-Satterthwaite degrees of freedom and the two-sided ``p``.
+    None unless both samples have at least two values."""
     if len(a) < 2 or len(b) < 2:
         return None
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     va, vb = sa * sa / len(a), sb * sb / len(b)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1)) if va + vb > 0 else None
-    return {"diff": ma - mb, "se": se, "t": (ma - mb) / se if se > 0 else None, "df": df}
+    t = (ma - mb) / se if se > 0 else None
+    return {"diff": ma - mb, "se": se, "t": t, "df": df, "p": two_sided_p(t, df)}
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """The mean of the per-seed differences ``a[s] - b[s]`` over the seeds both have (``{seed:
+    value}``), its standard error ``sd / sqrt(n)``, the paired ``t``, ``df = n - 1``, the two-sided
+    ``p`` and ``n``. Runs with the same seed see the same batches in the same order, so what a
+    seed does to every wiring alike cancels. None unless two seeds are shared."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    mean, sd = mean_std([a[s] - b[s] for s in seeds])
+    se = sd / math.sqrt(len(seeds))
+    t = mean / se if se > 0 else None
+    return {"diff": mean, "se": se, "t": t, "df": len(seeds) - 1, "p": two_sided_p(t, len(seeds) - 1), "n": len(seeds)}
 
 
 def difference_of_differences(first: dict | None, second: dict | None) -> dict | None:
     """``first["diff"] - second["diff"]`` for two independent :func:`welch` results, its standard
-    error (the errors added in quadrature) and ``t``; None if either is None."""
+    error (the errors added in quadrature), ``t``, and where both carry degrees of freedom the
+    Welch-Satterthwaite ``df`` of the sum and the two-sided ``p``; None if either is None."""
     if first is None or second is None:
         return None
     se = math.sqrt(first["se"] ** 2 + second["se"] ** 2)
     diff = first["diff"] - second["diff"]
-    return {"diff": diff, "se": se, "t": diff / se if se > 0 else None}
+    t = diff / se if se > 0 else None
+    v1, v2, df1, df2 = first["se"] ** 2, second["se"] ** 2, first.get("df"), second.get("df")
+    df = (v1 + v2) ** 2 / (v1 * v1 / df1 + v2 * v2 / df2) if df1 and df2 and v1 + v2 > 0 else None
+    return {"diff": diff, "se": se, "t": t, "df": df, "p": two_sided_p(t, df)}
 
 
 def fmt_t(stats: dict | None) -> str:
-    """``+0.0123 +- 0.0045 (t -2.7)`` for a :func:`welch` result, ``-`` for None."""
+    """``-0.0123 +- 0.0045 (t -2.7, p 0.03)`` for a :func:`welch`, :func:`paired` or
+    :func:`difference_of_differences` result (no ``p`` where it has none), ``-`` for None."""
     if stats is None:
         return "-"
     t = "-" if stats["t"] is None else f"{stats['t']:+.1f}"
-    return f"{stats['diff']:+.4f} +- {stats['se']:.4f} (t {t})"
+    p = stats.get("p")
+    p = "" if p is None else f", p {p:.2g}" if p >= 0.001 else ", p < 0.001"
+    return f"{stats['diff']:+.4f} +- {stats['se']:.4f} (t {t}{p})"
 
 
 def machine() -> dict:

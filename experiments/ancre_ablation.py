@@ -10,8 +10,9 @@ Two phases:
 
 - ``short``: every variant of :data:`VARIANTS` (residual, DenseFormer and the ANCRe variants), 400
   steps, seeds 0, 1 and 2, validation every 25 steps;
-- ``long``: residual, DenseFormer and 4 ANCRe variants, 4000 steps (ten times longer), seeds 0 and 1,
-  validation every 200 steps. Unless ``--long-variants`` names them, the 4 are ANCRe as released and
+- ``long``: residual, DenseFormer and 4 ANCRe variants, 4000 steps (ten times longer), seeds 0 and 1
+  (and seed 2 for residual and ANCRe as released, the comparison the phase is about), validation
+  every 200 steps. Unless ``--long-variants`` names them, the 4 are ANCRe as released and
   the 3 other ANCRe variants with the lowest mean short-phase loss (chosen once every short run is
   done). DenseFormer (``--long-references``), the best short-phase wiring that is not ANCRe, tells
   whether what ANCRe gains with the longer budget is ANCRe's or any dense wiring's.
@@ -99,7 +100,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     ),
 }
 SHORT = {"steps": 400, "val_every": 25, "seeds": [0, 1, 2]}
-LONG = {"steps": 4000, "val_every": 200, "seeds": [0, 1]}
+LONG = {"steps": 4000, "val_every": 200, "seeds": [0, 1], "third_seed": 2, "third_seed_variants": ["residual", "ancre"]}
 LONG_PICKED = 4  # ANCRe variants in the long phase (as released + the best others), plus residual
 #: the long phase's wirings beside residual that are not ANCRe: the reference for ANCRe's late lead
 LONG_REFERENCES = ["denseformer"]
@@ -280,16 +281,18 @@ def phase_table(title: str, summary: dict) -> list[str]:
     """Markdown rows of one phase, ranked by mean final validation loss."""
     lines = [f"{title}:", "",
              "| rank | variant | what changes | seeds | final val loss (mean +- std) | min..max | minus residual | "
-             "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | "
-             "ahead of its residual twin from step (per seed) | stream growth at the end | wall per run (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "minus residual +- se (Welch t, p) | paired by seed: minus residual +- se (t, p) | "
+             "steps to residual's loss (fraction, per seed) | ahead of its residual twin from step (per seed) | "
+             "stream growth at the end | wall per run (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (v, e) in enumerate(sorted(summary.items(), key=lambda item: item[1]["final_val_loss_mean"]), 1):
         fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
         ahead = "-" if v == "residual" else ", ".join("never" if a is None else f"{a:.0f}" for a in e["ahead_of_residual_from_per_seed"])
         lines.append(
             f"| {rank} | {v} | {e['description']} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- "
             f"{e['final_val_loss_std']:.4f} | {e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | "
-            f"{fmt(e['minus_residual'], '+.4f')} | {fmt_t(e['minus_residual_welch'])} | {fractions} | {ahead} | "
+            f"{fmt(e['minus_residual'], '+.4f')} | {fmt_t(e['minus_residual_welch'])} | {fmt_t(e['minus_residual_paired'])} | "
+            f"{fractions} | {ahead} | "
             f"{fmt(e['final_stream_growth_mean'], '.3g')}x | {e['wall_s_mean'] / 60:.1f} |"
         )
     return lines + [""]
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         extra = QUICK + extra
         short_cfg.update(steps=4, val_every=2, seeds=[0])
-        long_cfg.update(steps=6, val_every=3, seeds=[0])
+        long_cfg.update(steps=6, val_every=3, seeds=[0], third_seed_variants=[])
         if args.variants == list(VARIANTS):
             args.variants = QUICK_VARIANTS
     resolve_folders(args, "ancre_ablation", "ancre_ablation")
@@ -375,8 +378,11 @@ def main(argv: list[str] | None = None) -> dict:
             long_variants = long_variants[:1]
     long_specs = []
     if long_variants:
+        long_names = list(dict.fromkeys(["residual", *args.long_references, *long_variants]))
+        seeds = {v: [*long_cfg["seeds"], *([long_cfg["third_seed"]] if v in long_cfg["third_seed_variants"] else [])]
+                 for v in long_names}
         long_specs = [spec("long", v, s, long_cfg["steps"], long_cfg["val_every"], extra)
-                      for s in long_cfg["seeds"] for v in dict.fromkeys(["residual", *args.long_references, *long_variants])]
+                      for s in sorted({s for ss in seeds.values() for s in ss}) for v in long_names if s in seeds[v]]
         if args.phase in ("long", "both"):
             print(f"long phase: {', '.join(['residual', *args.long_references, *long_variants])}", flush=True)
             launch_unless_report_only(args, long_specs, records)

@@ -76,6 +76,7 @@ from _runs import (  # noqa: E402
     mean_curve,
     mean_std,
     new_figure,
+    paired,
     portable,
     read_scalar_events,
     resolve_folders,
@@ -273,9 +274,15 @@ def final_losses(records: list[dict], wiring: str, depth: int) -> list[float]:
     return [r["final_val_loss"] for r in records if r["wiring"] == wiring and r["depth"] == depth]
 
 
+def losses_by_seed(records: list[dict], wiring: str, depth: int) -> dict[int, float]:
+    """``{seed: final validation loss}`` of one wiring at one depth."""
+    return {r["seed"]: r["final_val_loss"] for r in records if r["wiring"] == wiring and r["depth"] == depth}
+
+
 def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
     """Per wiring and depth: final loss over seeds (mean, std, min, max), the gap to residual's
-    mean (with its standard error and Welch's t against residual's seeds once both have two),
+    mean (with its standard error, Welch's t and p against residual's seeds once both have two; and
+    paired by seed, each run against residual's run with the same seed, once two seeds are shared),
     steps to residual's loss per seed, wall time, throughput, parameters."""
     out: dict[str, dict] = {}
     for w in wirings:
@@ -295,6 +302,8 @@ def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dic
                 "final_val_loss_max": max(losses),
                 "minus_residual": None if ref is None else mean - ref,
                 "minus_residual_welch": None if w == "residual" else welch(losses, final_losses(records, "residual", d)),
+                "minus_residual_paired": None if w == "residual" else paired(losses_by_seed(records, w, d),
+                                                                             losses_by_seed(records, "residual", d)),
                 "fraction_of_residual_steps_per_seed": [r["fraction_of_residual_steps"] for r in sorted(mine, key=lambda r: r["seed"])],
                 "wall_s_mean": sum(r["wall_s"] for r in mine) / len(mine),
                 "tokens_per_s_mean": sum(rates) / len(rates) if rates else None,
@@ -308,16 +317,23 @@ def depth_gains(records: list[dict], wirings: list[str], depths: list[int]) -> d
     """Does depth pay off? Per wiring, the change of its mean final loss from the shallowest to the
     deepest of ``depths`` (negative: the deeper network is better) with its standard error, and
     that change minus residual's (negative: depth pays off more than for residual) with the errors
-    of both added in quadrature. A wiring needs two seeds at both depths; residual's own row has
-    no comparison."""
+    of both added in quadrature; and the same paired by seed (per seed, the wiring's change minus
+    residual's change with that seed). A wiring needs two seeds at both depths; residual's own row
+    has no comparison."""
     shallow, deep = min(depths), max(depths)
+
+    def changes(w: str) -> dict[int, float]:
+        a, b = losses_by_seed(records, w, deep), losses_by_seed(records, w, shallow)
+        return {s: a[s] - b[s] for s in set(a) & set(b)}
+
     base = welch(final_losses(records, "residual", deep), final_losses(records, "residual", shallow))
     out = {}
     for w in wirings:
         gain = welch(final_losses(records, w, deep), final_losses(records, w, shallow))
         if gain is not None:
             out[w] = {"from": shallow, "to": deep, "gain": gain,
-                      "minus_residual": None if w == "residual" else difference_of_differences(gain, base)}
+                      "minus_residual": None if w == "residual" else difference_of_differences(gain, base),
+                      "minus_residual_paired": None if w == "residual" else paired(changes(w), changes("residual"))}
     return out
 
 
@@ -500,25 +516,30 @@ def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | Non
     if gains:
         first = next(iter(gains.values()))
         lines += ["", f"Does depth pay off? The change of the final loss from {first['from']} to {first['to']} blocks "
-                  "(mean difference +- its standard error, Welch's t), and that change minus residual's "
-                  "(below 0: depth pays off more than for residual):", "",
-                  f"| wiring | {first['from']} -> {first['to']} blocks | minus residual's change |", "|---|---|---|"]
+                  "(mean difference +- its standard error, Welch's t and two-sided p), and that change minus "
+                  "residual's (below 0: depth pays off more than for residual), unpaired and paired by seed "
+                  "(per seed, the wiring's change minus residual's with the same seed; t with n - 1 degrees "
+                  "of freedom):", "",
+                  f"| wiring | {first['from']} -> {first['to']} blocks | minus residual's change | "
+                  "minus residual's change, paired by seed (n) |", "|---|---|---|---|"]
         for w, g in sorted(gains.items(), key=lambda item: item[1]["gain"]["diff"]):
-            lines.append(f"| {w} | {fmt_t(g['gain'])} | {fmt_t(g['minus_residual'])} |")
+            pair = g.get("minus_residual_paired")
+            n = "" if pair is None else f" ({pair['n']})"
+            lines.append(f"| {w} | {fmt_t(g['gain'])} | {fmt_t(g['minus_residual'])} | {fmt_t(pair)}{n} |")
     for d in present:
         rows = sorted(((w, by_depth[str(d)]) for w, by_depth in summary.items() if str(d) in by_depth),
                       key=lambda item: item[1]["final_val_loss_mean"])
         lines += ["", f"Leaderboard at {d} blocks:", "",
                   "| rank | wiring | seeds | final val loss (mean +- std) | min..max | minus residual | "
-                  "minus residual +- se (Welch t) | steps to residual's loss (fraction, per seed) | wall per run (min) | "
-                  "tokens/s | parameters |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "minus residual +- se (Welch t, p) | paired by seed: minus residual +- se (t, p) | "
+                  "steps to residual's loss (fraction, per seed) | wall per run (min) | tokens/s | parameters |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for rank, (w, e) in enumerate(rows, 1):
             fractions = ", ".join("never" if f is None else f"{f:.2f}" for f in e["fraction_of_residual_steps_per_seed"])
             lines.append(
                 f"| {rank} | {w} | {len(e['seeds'])} | {e['final_val_loss_mean']:.4f} +- {e['final_val_loss_std']:.4f} | "
                 f"{e['final_val_loss_min']:.4f}..{e['final_val_loss_max']:.4f} | {fmt(e['minus_residual'], '+.4f')} | "
-                f"{fmt_t(e['minus_residual_welch'])} | {fractions} | {e['wall_s_mean'] / 60:.1f} | {fmt(e['tokens_per_s_mean'], '.0f')} | {e['parameters']:,} |"
+                f"{fmt_t(e['minus_residual_welch'])} | {fmt_t(e['minus_residual_paired'])} | {fractions} | {e['wall_s_mean'] / 60:.1f} | {fmt(e['tokens_per_s_mean'], '.0f')} | {e['parameters']:,} |"
             )
     if pairs:
         lines += ["", "Pairs within two standard deviations after the first seeds (both got a third seed):", ""]

@@ -120,9 +120,39 @@ def test_welch_t_and_the_difference_of_two_gaps():
     assert stats["df"] == pytest.approx(32 / 19)
     assert _runs.welch([1.0], [2.0, 3.0]) is None  # one seed: no spread, no test
     assert _runs.welch([1.0, 1.0], [2.0, 2.0])["t"] is None  # no spread at all
+    assert stats["p"] == pytest.approx(_runs.two_sided_p(stats["t"], 32 / 19))
     both = _runs.difference_of_differences({"diff": -0.3, "se": 0.3}, {"diff": -0.1, "se": 0.4})
     assert both["diff"] == pytest.approx(-0.2) and both["se"] == pytest.approx(0.5) and both["t"] == pytest.approx(-0.4)
-    assert _runs.fmt_t(stats) == "-1.0000 +- 1.1547 (t -0.9)" and _runs.fmt_t(None) == "-"
+    assert both["p"] is None  # no degrees of freedom given
+    # with them: Welch-Satterthwaite of the sum, (0.09 + 0.16)^2 / (0.09^2 / 2 + 0.16^2 / 4)
+    both = _runs.difference_of_differences({"diff": -0.3, "se": 0.3, "df": 2}, {"diff": -0.1, "se": 0.4, "df": 4})
+    assert both["df"] == pytest.approx(0.0625 / (0.0081 / 2 + 0.0256 / 4))
+    p = _runs.two_sided_p(-0.4, both["df"])
+    assert _runs.fmt_t(both) == f"-0.2000 +- 0.5000 (t -0.4, p {p:.2g})" and _runs.fmt_t(None) == "-"
+
+
+def test_two_sided_p_matches_the_closed_forms_of_student_t():
+    """For 1 degree of freedom t is Cauchy, p = 1 - 2 atan(|t|) / pi; for 2, p = 1 - |t| / sqrt(2 + t^2)."""
+    import math
+
+    for t in (0.3, 1.0, 2.5, -12.706):
+        assert _runs.two_sided_p(t, 1) == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-6)
+        assert _runs.two_sided_p(t, 2) == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-6)
+    assert _runs.two_sided_p(-12.706, 1) == pytest.approx(0.05, abs=1e-4)
+    assert _runs.two_sided_p(None, 3) is None and _runs.two_sided_p(1.0, None) is None
+
+
+def test_paired_differences_by_seed():
+    """Seed 0: -0.5, seed 1: -0.2, seed 2: -0.1 (seed 3 has no partner): mean -0.8/3, sd from its
+    definition, se sd/sqrt(3), df 2."""
+    stats = _runs.paired({0: 1.0, 1: 2.0, 2: 3.5, 3: 9.0}, {0: 1.5, 1: 2.2, 2: 3.6})
+    mean = -0.8 / 3
+    sd = (((-0.5 - mean) ** 2 + (-0.2 - mean) ** 2 + (-0.1 - mean) ** 2) / 2) ** 0.5
+    assert stats["diff"] == pytest.approx(mean) and stats["n"] == 3 and stats["df"] == 2
+    assert stats["se"] == pytest.approx(sd / 3**0.5)
+    assert stats["t"] == pytest.approx(mean / (sd / 3**0.5))
+    assert stats["p"] == pytest.approx(1 - abs(stats["t"]) / (2 + stats["t"] ** 2) ** 0.5)
+    assert _runs.paired({0: 1.0, 1: 2.0}, {1: 2.0, 2: 3.0}) is None  # one shared seed
 
 
 def fake_record(wiring: str, depth: int, seed: int, loss: float) -> dict:
@@ -177,7 +207,12 @@ def test_report_rebuilds_from_records_without_run_folders(tmp_path):
     assert gains["ancre"]["minus_residual"]["se"] == pytest.approx(0.00025 ** 0.5)
     text = (out / "table.md").read_text()
     assert "| 1 | ancre | 2 | 1.3100" in text
-    assert "| ancre | -0.0950 +- 0.0112 (t -8.5) | -0.0400 +- 0.0158 (t -2.5) |" in text
+    assert "| ancre | -0.0950 +- 0.0112 (t -8.5, p 0.0" in text
+    # paired by seed: ancre's change minus residual's, seed 0 -0.10 - (-0.05), seed 1 -0.09 - (-0.06):
+    # mean -0.04, sd 0.02 / sqrt(2), se 0.01, t -4, df 1 (Cauchy: p = 1 - 2 atan(4) / pi = 0.156)
+    assert gains["ancre"]["minus_residual_paired"]["diff"] == pytest.approx(-0.04)
+    assert gains["ancre"]["minus_residual_paired"]["se"] == pytest.approx(0.01)
+    assert "| -0.0400 +- 0.0100 (t -4.0, p 0.16) (2) |" in text
     for figure in ("loss_vs_depth.png", "curves_deepest.png", "walltime_deepest.png", "gates_deepest.png"):
         assert (out / figure).is_file(), figure
 
