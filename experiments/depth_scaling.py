@@ -380,12 +380,28 @@ def colors(wirings: list[str]) -> dict[str, object]:
     return {"residual": "black", **{w: cmap(i % n) for i, w in enumerate(others)}}
 
 
+def off_scale(gaps: dict[str, list[float]], factor: float = 3.0, floor: float = 0.05) -> tuple[float, list[str]]:
+    """The y range (+-limit) of a "minus residual" panel and the wirings left off it: every wiring
+    whose largest gap is within ``factor`` times the median of the wirings' largest gaps (and at
+    least ``floor``) sets the range; the others would squash it into a line and are named instead."""
+    largest = {w: max(abs(g) for g in gs) for w, gs in gaps.items() if gs}
+    if not largest:
+        return floor, []
+    ordered = sorted(largest.values())
+    cut = max(floor, factor * ordered[len(ordered) // 2])
+    kept = [v for v in largest.values() if v <= cut]
+    return max(floor, max(kept, default=floor)) * 1.15, sorted(w for w, v in largest.items() if v > cut)
+
+
 def plot_loss_vs_depth(summary: dict, depths: list[int], path: Path) -> None:
-    """Final validation loss against depth per wiring (mean, min-max band); right: minus residual."""
+    """Final validation loss against depth per wiring (mean, min-max band); right: minus
+    residual's mean, on a scale that keeps the wirings near residual readable (the ones far off
+    it are named in the title)."""
     col = colors(list(summary))
     fig = new_figure(12, 4.6)
     axes = fig.subplots(1, 2)
     ref = summary.get("residual", {})
+    gaps = {}
     for w, by_depth in summary.items():
         ds = [d for d in depths if str(d) in by_depth]
         mean = [by_depth[str(d)]["final_val_loss_mean"] for d in ds]
@@ -396,11 +412,13 @@ def plot_loss_vs_depth(summary: dict, depths: list[int], path: Path) -> None:
         rd = [d for d in ds if str(d) in ref]
         if rd:
             base = [ref[str(d)]["final_val_loss_mean"] for d in rd]
-            axes[1].plot(rd, [by_depth[str(d)]["final_val_loss_mean"] - b for d, b in zip(rd, base)], "o-",
-                         color=col[w], label=w, linewidth=1.4, markersize=3)
+            gaps[w] = [by_depth[str(d)]["final_val_loss_mean"] - b for d, b in zip(rd, base)]
+            axes[1].plot(rd, gaps[w], "o-", color=col[w], label=w, linewidth=1.4, markersize=3)
             axes[1].fill_between(rd, [by_depth[str(d)]["final_val_loss_min"] - b for d, b in zip(rd, base)],
                                  [by_depth[str(d)]["final_val_loss_max"] - b for d, b in zip(rd, base)],
                                  color=col[w], alpha=0.15, linewidth=0)
+    limit, left_off = off_scale(gaps)
+    axes[1].set_ylim(-limit, limit)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(depths, [str(d) for d in depths])
@@ -410,7 +428,8 @@ def plot_loss_vs_depth(summary: dict, depths: list[int], path: Path) -> None:
     axes[0].set_title("mean over seeds, band = min..max", fontsize=9)
     axes[1].axhline(0.0, color="black", linewidth=0.8)
     axes[1].set_ylabel("minus residual's mean at the same depth")
-    axes[1].set_title("below 0: better than residual", fontsize=9)
+    off = "; off scale: " + ", ".join(f"{w} ({min(gaps[w]):+.2f}..{max(gaps[w]):+.2f})" for w in left_off) if left_off else ""
+    axes[1].set_title(f"below 0: better than residual{off}", fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
     fig.savefig(path)
 

@@ -270,3 +270,10 @@ def test_finished_run_folder_becomes_a_record(tmp_path):
     with Image.open(records.png_path(run.name)) as png:
         assert max(png.size) <= 900 and png.size[0] == 2 * png.size[1]  # the last heatmap, shrunk
     assert records.has(run.name) and records.load(run.name)["gates_png"] == str(records.png_path(run.name))
+
+
+def test_minus_residual_panel_leaves_far_off_wirings_out_of_its_scale():
+    gaps = {"residual": [0.0, 0.0], "a": [-0.05, 0.02], "b": [0.08, 0.1], "c": [0.01, -0.04], "acn": [0.3, 0.6]}
+    limit, left_off = depth_scaling.off_scale(gaps)  # median of the largest gaps: 0.05; cut 0.15
+    assert left_off == ["acn"] and limit == pytest.approx(0.1 * 1.15)
+    assert depth_scaling.off_scale({"residual": [0.0], "a": [0.01]}) == (pytest.approx(0.05 * 1.15), [])
