@@ -372,12 +372,16 @@ def third_seed_specs(pairs: list[dict], config: Path, wirings: list[str], seed: 
 # --------------------------------------------------------------------------- figures and tables
 
 def colors(wirings: list[str]) -> dict[str, object]:
-    """One colour per wiring (residual black, the rest from tab10, or tab20 beyond 10)."""
+    """One colour per wiring: residual black, the rest from tab10; beyond 10, tab20's ten dark
+    hues first and then its light ones (tab20 in its own order puts each dark hue beside its
+    light twin, and neighbours in the list would look alike)."""
     from matplotlib import colormaps
 
     others = [w for w in wirings if w != "residual"]
-    cmap, n = (colormaps["tab10"], 10) if len(others) <= 10 else (colormaps["tab20"], 20)
-    return {"residual": "black", **{w: cmap(i % n) for i, w in enumerate(others)}}
+    if len(others) <= 10:
+        return {"residual": "black", **{w: colormaps["tab10"](i) for i, w in enumerate(others)}}
+    cmap = colormaps["tab20"]
+    return {"residual": "black", **{w: cmap((2 * i + (i // 10) % 2) % 20) for i, w in enumerate(others)}}
 
 
 def off_scale(gaps: dict[str, list[float]], factor: float = 3.0, floor: float = 0.05) -> tuple[float, list[str]]:

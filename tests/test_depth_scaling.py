@@ -277,3 +277,13 @@ def test_minus_residual_panel_leaves_far_off_wirings_out_of_its_scale():
     limit, left_off = depth_scaling.off_scale(gaps)  # median of the largest gaps: 0.05; cut 0.15
     assert left_off == ["acn"] and limit == pytest.approx(0.1 * 1.15)
     assert depth_scaling.off_scale({"residual": [0.0], "a": [0.01]}) == (pytest.approx(0.05 * 1.15), [])
+
+
+def test_colours_are_distinct_and_neighbours_do_not_share_a_hue():
+    many = ["residual", *(f"w{i}" for i in range(14))]
+    col = depth_scaling.colors(many)
+    assert col["residual"] == "black" and len({tuple(c) for w, c in col.items() if w != "residual"}) == 14
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    assert col["w0"] == tab20(0) and col["w1"] == tab20(2) and col["w10"] == tab20(1)  # dark hues first, then light
