@@ -58,6 +58,7 @@ from _runs import (  # noqa: E402
     fmt_t,
     last_checkpoint,
     launch_unless_report_only,
+    mean_curve,
     mean_std,
     new_figure,
     portable,
@@ -265,9 +266,7 @@ def plot_gap(rows: list[dict], variants: list[str], path: Path) -> None:
             continue
         for r in mine:
             ax.plot(*zip(*r["gap_to_residual"]), color=col[v], linewidth=0.7, alpha=0.45)
-        steps = sorted(set.intersection(*(set(s for s, _ in r["gap_to_residual"]) for r in mine)))
-        tables = [dict(r["gap_to_residual"]) for r in mine]
-        ax.plot(steps, [sum(t[s] for t in tables) / len(tables) for s in steps], color=col[v], linewidth=1.8, label=v)
+        ax.plot(*zip(*mean_curve([r["gap_to_residual"] for r in mine])), color=col[v], linewidth=1.8, label=v)
     ax.axhline(0.0, color="black", linewidth=0.9)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss minus the same seed's residual run")
@@ -384,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         long_specs = [spec("long", v, s, long_cfg["steps"], long_cfg["val_every"], extra)
                       for s in sorted({s for ss in seeds.values() for s in ss}) for v in long_names if s in seeds[v]]
         if args.phase in ("long", "both"):
-            print(f"long phase: {', '.join(['residual', *args.long_references, *long_variants])}", flush=True)
+            print(f"long phase: {', '.join(long_names)}", flush=True)
             launch_unless_report_only(args, long_specs, records)
     elif args.phase != "short":
         print("long phase waits for every short run (or name its variants with --long-variants)", flush=True)

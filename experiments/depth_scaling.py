@@ -269,14 +269,14 @@ def add_steps_to_residual(records: list[dict]) -> None:
                                                      else interpolate_crossing(r["val_loss"], twin["final_val_loss"]))
 
 
-def final_losses(records: list[dict], wiring: str, depth: int) -> list[float]:
-    """The final validation losses of one wiring at one depth, one per finished seed."""
-    return [r["final_val_loss"] for r in records if r["wiring"] == wiring and r["depth"] == depth]
-
-
 def losses_by_seed(records: list[dict], wiring: str, depth: int) -> dict[int, float]:
     """``{seed: final validation loss}`` of one wiring at one depth."""
     return {r["seed"]: r["final_val_loss"] for r in records if r["wiring"] == wiring and r["depth"] == depth}
+
+
+def final_losses(records: list[dict], wiring: str, depth: int) -> list[float]:
+    """The final validation losses of one wiring at one depth, one per finished seed."""
+    return list(losses_by_seed(records, wiring, depth).values())
 
 
 def summarize(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
