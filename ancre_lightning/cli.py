@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -189,6 +190,21 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
     )
 
 
+#: Subcommands beside LightningCLI's fit/validate/test/predict: name -> module with ``main(argv)``.
+TOOLS = {
+    "prepare": "ancre_lightning.datamodules.text.prepare",  # text -> tokenised shards
+    "generate": "ancre_lightning.generate",  # text from an LLM checkpoint
+}
+
+
+def run_tool(argv: list[str]) -> bool:
+    """Run ``ancre prepare ...`` / ``ancre generate ...`` if ``argv`` names one; False otherwise."""
+    if not argv or argv[0] not in TOOLS:
+        return False
+    importlib.import_module(TOOLS[argv[0]]).main(list(argv[1:]))
+    return True
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``ancre`` console script.
 
@@ -196,7 +212,8 @@ def main(args: list[str] | None = None) -> None:
     that says what is wrong and how to fix it, and exit status 2. ``ANCRE_DEBUG=1`` re-raises.
     """
     try:
-        build_cli(args)
+        if not run_tool(list(sys.argv[1:]) if args is None else list(args)):
+            build_cli(args)
     except Exception as exc:
         err = find_user_error(exc)
         if err is None or os.environ.get("ANCRE_DEBUG"):

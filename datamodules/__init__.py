@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "DiffusionImageDataModule": ".diffusion_images",
     "ByteTokenizer": ".text",
+    "Tokenizer": ".text",
+    "load_tokenizer": ".text",
     "TextDataModule": ".text",
     "CIFAR10DataModule": ".images",
     "FashionMNISTDataModule": ".images",

