@@ -54,6 +54,10 @@ class AncreCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
+        # The model's vocabulary is the data's tokenizer's: one place says it (a config's own
+        # model vocab_size is replaced by the data's). Data modules without a tokenizer give None,
+        # which models without a vocabulary never see.
+        parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=data_vocab_size, apply_on="instantiate")
         parser.add_argument(
             "--connectivity.help", action=ConnectivityHelp, metavar="NAME",
             help=f"Show the options of a connectivity ({', '.join(CONNECTIVITIES)}), with types and defaults, and exit.",
@@ -159,6 +163,12 @@ class _NoAdvertTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
         return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
+def data_vocab_size(data: object) -> int | None:
+    """The number of token ids of a data module's tokenizer (``vocab_size``), or None."""
+    vocab = getattr(data, "vocab_size", None)
+    return int(vocab) if vocab is not None else None
 
 
 def measures_stream(model: object) -> bool:
