@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         MNISTDataModule,
     )
     from .text import ByteTokenizer, TextDataModule
+    from .text.shards import TokenShardsDataModule
 
 _LAZY = {
     "DiffusionImageDataModule": ".diffusion_images",
@@ -40,6 +41,7 @@ _LAZY = {
     "Tokenizer": ".text",
     "load_tokenizer": ".text",
     "TextDataModule": ".text",
+    "TokenShardsDataModule": ".text.shards",
     "CIFAR10DataModule": ".images",
     "FashionMNISTDataModule": ".images",
     "ImageFolderDataModule": ".images",
@@ -59,6 +61,7 @@ __all__ = [
     "MNISTDataModule",
     "RegistryArtifact",
     "TextDataModule",
+    "TokenShardsDataModule",
     "fetch",
     "read_member",
 ]

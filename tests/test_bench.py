@@ -42,7 +42,7 @@ def doc(tmp_path_factory):
 
 def test_document_names_the_machine_and_every_sub_benchmark(doc):
     assert doc["quick"] is True
-    assert list(doc["results"]) == ["aggregation", "step", "memory", "framework"]
+    assert list(doc["results"]) == ["aggregation", "step", "memory", "framework", "loader"]
     machine = doc["machine"]
     for key in ("cpu", "logical_cpus", "torch_threads", "torch", "lightning", "device", "load_average_at_start", "load_average_at_end"):
         assert key in machine

@@ -6,11 +6,12 @@
 Sub-benchmarks (one module each): ``aggregation`` (the weighted merge against the read-bound
 ceiling), ``step`` (training-step time and overhead against residual, eager and compiled),
 ``memory`` (peak memory of a training step against residual), ``framework`` (``ancre fit``
-tokens/s against a bare PyTorch loop). BENCHMARKS.md holds the measured tables and how to rerun.
+tokens/s against a bare PyTorch loop), ``loader`` (the LLM data loader alone: tokens/s on one core and
+resident memory at 50M and 500M tokens, against litdata). BENCHMARKS.md holds the measured tables and how to rerun.
 """
 
-from . import aggregation, framework, memory, step
+from . import aggregation, framework, loader, memory, step
 
-SUITES = {m.NAME: m for m in (aggregation, step, memory, framework)}
+SUITES = {m.NAME: m for m in (aggregation, step, memory, framework, loader)}
 
 __all__ = ["SUITES"]

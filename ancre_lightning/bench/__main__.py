@@ -1,4 +1,4 @@
-"""``python -m ancre_lightning.bench [aggregation] [step] [memory] [framework] [--json] ...``
+"""``python -m ancre_lightning.bench [aggregation] [step] [memory] [framework] [loader] [--json] ...``
 
 Prints one Markdown table per sub-benchmark (paste-ready for BENCHMARKS.md), or with ``--json``
 one JSON document on stdout (everything else the runs print goes to stderr). ``--out FILE`` also

@@ -9,6 +9,7 @@
 """
 
 from .bundled import PackedTokenDataset, TextDataModule
-from .tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_from_state
+from .shards import TokenShardsDataModule
+from .tokenizers import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_from_state, train_bpe
 
-__all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule", "Tokenizer", "load_tokenizer", "tokenizer_from_state"]
+__all__ = ["ByteTokenizer", "PackedTokenDataset", "TextDataModule", "TokenShardsDataModule", "Tokenizer", "load_tokenizer", "tokenizer_from_state", "train_bpe"]
