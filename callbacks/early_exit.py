@@ -75,7 +75,10 @@ class EarlyExitEvaluation(Callback):
     (``pl_module.exit_predictions``) and the domain's metrics computed (``pl_module.exit_metrics``:
     loss and perplexity for an LLM, accuracy for a classifier, denoising loss for diffusion) on
     the first ``max_batches`` validation batches (the forward is recomputed, so keep it small).
-    Metrics are averaged over batches weighted by the number of predictions. A metric that is a
+    Metrics are averaged over batches weighted by the number of predictions, or by what the
+    module's optional ``exit_metric_weights(target)`` gives for a metric (the LLM's bits per byte
+    ``bpb`` is weighted by the bytes the labels cover, so its mean is total nats / total bytes /
+    ln 2, as ``val/bpb``). A metric that is a
     function of another one's mean is computed from that mean instead of averaged: the module
     names them in ``exit_derived_metrics`` (the LLM's ``ppl`` is ``exp`` of the mean ``loss``,
     as ``val/ppl`` is, so the full-depth exit matches ``val/ppl`` on the same batches). Logged,
@@ -148,10 +151,11 @@ class EarlyExitEvaluation(Callback):
 
     def _reset(self) -> None:
         self._names: list[str] | None = None
-        self._exit_sums: Tensor | None = None  # (K+1, M) sum of n * metric
+        self._exit_sums: Tensor | None = None  # (K+1, M) sum of weight * metric
+        self._weights: Tensor | None = None  # (M,) sum of each metric's weights
         self._count: Tensor | None = None  # () sum of n
         self._sweep_thresholds: Tensor | None = None  # (T,)
-        self._sweep_sums: Tensor | None = None  # (T, M) sum of n * metric of the chosen exits
+        self._sweep_sums: Tensor | None = None  # (T, M) sum of weight * metric of the chosen exits
         self._depth_sums: Tensor | None = None  # (T,) sum of exit depths
 
     # --- hooks ----------------------------------------------------------------------------------
@@ -195,7 +199,9 @@ class EarlyExitEvaluation(Callback):
         if self._names is None:
             self._names = list(per_exit[0])
         values = torch.stack([torch.stack([m[k].detach().float() for k in self._names]) for m in per_exit])  # (K+1, M)
-        self._exit_sums = n * values if self._exit_sums is None else self._exit_sums + n * values
+        weights = self.metric_weights(pl_module, target, values.new_tensor(n))  # (M,)
+        self._exit_sums = weights * values if self._exit_sums is None else self._exit_sums + weights * values
+        self._weights = weights if self._weights is None else self._weights + weights
         self._count = values.new_tensor(n) if self._count is None else self._count + n
         if pl_module.exit_task != "classification":
             return
@@ -220,7 +226,7 @@ class EarlyExitEvaluation(Callback):
             sweep.append(torch.stack([metrics[k].detach().float() for k in self._names]))
             depths.append(chosen.float().sum())
         sweep_values, depth_values = torch.stack(sweep), torch.stack(depths)  # (T, M), (T,)
-        self._sweep_sums = n * sweep_values if self._sweep_sums is None else self._sweep_sums + n * sweep_values
+        self._sweep_sums = weights * sweep_values if self._sweep_sums is None else self._sweep_sums + weights * sweep_values
         self._depth_sums = depth_values if self._depth_sums is None else self._depth_sums + depth_values
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -228,15 +234,22 @@ class EarlyExitEvaluation(Callback):
             return
         reduce = trainer.strategy.reduce
         count = float(reduce(self._count, reduce_op="sum"))
-        exit_means = (reduce(self._exit_sums, reduce_op="sum") / count).cpu()  # (K+1, M)
+        weights = reduce(self._weights, reduce_op="sum").clamp_min(1e-12)  # (M,)
+        exit_means = (reduce(self._exit_sums, reduce_op="sum") / weights).cpu()  # (K+1, M)
         sweep = None
         if self._sweep_sums is not None:
-            sweep_means = (reduce(self._sweep_sums, reduce_op="sum") / count).cpu()  # (T, M)
+            sweep_means = (reduce(self._sweep_sums, reduce_op="sum") / weights).cpu()  # (T, M)
             mean_depth = (reduce(self._depth_sums, reduce_op="sum") / count).cpu()  # (T,)
             sweep = (self._sweep_thresholds.cpu(), sweep_means, mean_depth)
         self.results = self.summarize(pl_module, exit_means, sweep)
         if trainer.is_global_zero:
             self.write(trainer, self.results, trainer.global_step)
+
+    def metric_weights(self, pl_module: L.LightningModule, target: Tensor, n: Tensor) -> Tensor:
+        """(M,) the weight of this batch in each metric's mean: ``n`` predictions, or the module's
+        ``exit_metric_weights(target)[name]`` where it names the metric."""
+        named = pl_module.exit_metric_weights(target) if callable(getattr(pl_module, "exit_metric_weights", None)) else {}
+        return torch.stack([named[k].to(n).reshape(()) if k in named else n for k in (self._names or [])])
 
     # --- results --------------------------------------------------------------------------------
     def summarize(self, pl_module: L.LightningModule, exit_means: Tensor, sweep: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, Any]:

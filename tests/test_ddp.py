@@ -49,6 +49,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ancre_lightning.datamodules.text.tokenizers import ByteTokenizer
 from ancre_lightning.modules import ClassifierModule, DiffusionModule, LLMModule
 from conftest import CONFIGS, tiny_run_args
 
@@ -524,7 +525,7 @@ def test_validation_and_test_metrics_are_synchronised(domain, ranks):
     weights = [s.stop - s.start for s in VAL_SHARDS]  # samples (LLM: tokens, proportional)
     assert local[0]["val/loss"] != local[1]["val/loss"]  # the shards differ, so a rank-local value would show
     expected = {
-        "llm": {"val": {"loss", "ppl"}, "test": {"loss"}},
+        "llm": {"val": {"loss", "ppl", "bpb"}, "test": {"loss", "bpb"}},
         "classifier": {"val": {"loss", "acc1", "acc5"}, "test": {"loss", "acc1", "acc5"}},
         "diffusion": {"val": {"loss", "loss_ema"}, "test": {"loss"}},
     }[domain]
@@ -535,6 +536,10 @@ def test_validation_and_test_metrics_are_synchronised(domain, ranks):
             key = f"{split}/{name}"
             if name == "ppl":  # exp of the token-weighted mean log-likelihood
                 want = math.exp(sum(w * math.log(m[key]) for w, m in zip(weights, local)) / sum(weights))
+            elif name == "bpb":  # total nats / total UTF-8 bytes / ln 2: weighted by the bytes of each shard's labels
+                byte_lengths = torch.as_tensor(ByteTokenizer().token_byte_lengths())  # (257,): EOS covers 0 bytes
+                nbytes = [int(byte_lengths[batches["labels"][shard]].sum()) for shard in VAL_SHARDS]
+                want = sum(b * m[key] for b, m in zip(nbytes, local)) / sum(nbytes)
             else:
                 want = sum(w * m[key] for w, m in zip(weights, local)) / sum(weights)
             assert logged[0][key] == pytest.approx(want, rel=1e-5, abs=1e-7), key

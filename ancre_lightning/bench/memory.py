@@ -129,3 +129,83 @@ def table(result: dict[str, Any]) -> str:
         for r in result["rows"]
     ]
     return head + "\n" + format_table(["connectivity", "mode", "peak MiB", "x residual", "extra states", "params+AdamW MiB"], rows)
+
+
+# --------------------------------------------------------------------------- large vocabularies
+
+#: The large-vocabulary measurement: the LLaMA-60M shape (8 x 512, SwiGLU 1376, sequence 256) at
+#: V = 32,000, batch 8, float32, one training step with the loss in one piece and in chunks.
+LARGE_VOCAB: dict[str, Any] = {"vocab_size": 32000, "n_layers": 8, "dim": 512, "n_heads": 8, "mlp_hidden": 1376,
+                               "seq_len": 256, "batch_size": 8, "loss_chunk_tokens": (0, 1024)}
+
+
+def large_vocabulary(device: torch.device, **options: Any) -> dict[str, Any]:
+    """Peak memory of one LLMModule training step (forward, loss, backward, AdamW) at a large
+    vocabulary, for each ``loss_chunk_tokens`` (0: one cross-entropy over float32 logits of the
+    whole batch; N: :func:`~ancre_lightning.modules.llm.chunked_cross_entropy` in chunks of N
+    tokens), measured as :func:`peak_bytes` does, above the live parameters and optimiser state.
+    Options: the keys of :data:`LARGE_VOCAB`."""
+    from ..modules import LLMModule
+
+    s = {**LARGE_VOCAB, **options}
+    gen = torch.Generator().manual_seed(0)
+    window = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"] + 1), generator=gen)
+    batch = {"input_ids": window[:, :-1].contiguous().to(device), "labels": window[:, 1:].contiguous().to(device)}
+    logits_bytes = s["batch_size"] * s["seq_len"] * s["vocab_size"] * 4  # one float32 (B, T, V) tensor
+    rows = []
+    for chunk in s["loss_chunk_tokens"]:
+        torch.manual_seed(0)
+        module = LLMModule(
+            vocab_size=s["vocab_size"], dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
+            mlp_hidden=s["mlp_hidden"], max_seq_len=s["seq_len"], connectivity="residual", loss_chunk_tokens=chunk,
+        ).to(device)  # fmt: skip
+        optimizer = module.build_optimizer()
+
+        def step() -> float:
+            loss = module.next_token_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        step()  # creates the AdamW state
+        loss = step()
+        peak = peak_bytes(step, device)
+        rows.append({
+            "loss_chunk_tokens": chunk, "peak_step_bytes": peak, "peak_step_mib": mib(peak), "loss": loss,
+            "static_mib": mib(tensor_bytes(module.net.parameters()) + optimizer_state_bytes(optimizer)),
+        })  # fmt: skip
+        del module, optimizer, step
+        gc.collect()
+    base = rows[0]["peak_step_bytes"]
+    for r in rows:
+        r["ratio_vs_first"] = r["peak_step_bytes"] / base
+    return {"settings": {**s, "loss_chunk_tokens": list(s["loss_chunk_tokens"]), "device": str(device),
+                         "logits_mib": mib(logits_bytes)}, "rows": rows}  # fmt: skip
+
+
+def large_vocabulary_table(result: dict[str, Any]) -> str:
+    """Markdown table of :func:`large_vocabulary`."""
+    s = result["settings"]
+    head = (
+        f"peak memory of one LLM training step above the live parameters and optimiser state, V = {s['vocab_size']:,}, "
+        f"{s['n_layers']} blocks x {s['dim']}, sequence {s['seq_len']}, batch {s['batch_size']}, float32 on {s['device']} "
+        f"(one (B, T, V) float32 logits tensor = {s['logits_mib']:.0f} MiB)\n"
+    )
+    rows = [
+        ("off (one cross-entropy)" if r["loss_chunk_tokens"] == 0 else f"{r['loss_chunk_tokens']} tokens",
+         r["peak_step_mib"], r["ratio_vs_first"], r["loss"], r["static_mib"])
+        for r in result["rows"]
+    ]  # fmt: skip
+    return head + "\n" + format_table(["loss chunks", "peak MiB", "x first", "loss", "params+AdamW MiB"], rows)
+
+
+if __name__ == "__main__":  # python -m ancre_lightning.bench.memory [KEY=VALUE ...]: the large-vocabulary table
+    import json
+    import sys
+
+    from ._common import resolve_device
+
+    overrides = {k: json.loads(v) for k, _, v in (a.partition("=") for a in sys.argv[1:] if a.partition("=")[0] != "device")}
+    device_arg = next((a.partition("=")[2] for a in sys.argv[1:] if a.startswith("device=")), "auto")
+    print(large_vocabulary_table(large_vocabulary(resolve_device(device_arg), **overrides)))

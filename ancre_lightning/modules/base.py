@@ -285,7 +285,7 @@ class ConnectivityModule(L.LightningModule):
 # --- checkpoints ---------------------------------------------------------------------------------
 #: Hyper-parameters that change training, not the network: a checkpoint may differ in them.
 TRAINING_HPARAMS = frozenset(
-    {"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile", "fused_optimizer"}
+    {"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile", "fused_optimizer", "loss_chunk_tokens"}
 )
 
 
