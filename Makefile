@@ -1,6 +1,7 @@
 # The two commands of the README, each doing its own set-up on a fresh clone:
 #   make demo   virtual environment + package + verified quickstart data, then train the LLM quickstart
 #   make test   virtual environment + package, then the test suite (slow tests excluded)
+#   make demo-bpe  the second LLM quickstart: prepare both bundled corpora with a 4,096-token BPE, then train
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-slow tensorboard clean
+.PHONY: install data demo demo-bpe test test-slow tensorboard clean
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ data: install
 demo: data
 	$(VENV)/bin/ancre fit --config configs/llm/quickstart.yaml
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir logs"
+
+demo-bpe: install
+	$(VENV)/bin/ancre prepare wikipedia shakespeare --tokenizer bpe:4096 --val_fraction 0.02 --out data/quickstart-bpe
+	$(VENV)/bin/ancre fit --config configs/llm/quickstart_bpe.yaml
+	@echo "Generate: $(VENV)/bin/ancre generate --ckpt_path logs/llm-quickstart-bpe/version_N/checkpoints/last.ckpt --prompt 'The river' --temperature 0"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

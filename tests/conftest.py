@@ -43,3 +43,39 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_prepared_bytes(folder: Path, n_train_docs: int = 300, n_val_docs: int = 30) -> Path:
+    """A small prepared-shards folder (the format of ``ancre prepare``) of real Wikipedia articles,
+    byte-tokenised: the first ``n_train_docs`` articles for training, the next ``n_val_docs`` for
+    validation, each followed by EOS, in two training shards and one validation shard."""
+    import numpy as np
+
+    from ancre_lightning.datamodules.fetch import fetch
+    from ancre_lightning.datamodules.text.bundled import _wikipedia_documents
+    from ancre_lightning.datamodules.text.shard_format import token_dtype, write_index, write_shard
+    from ancre_lightning.datamodules.text.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    docs = _wikipedia_documents(fetch("wikipedia"))[: n_train_docs + n_val_docs]
+    splits = {"train": docs[:n_train_docs], "val": docs[n_train_docs:]}
+    index = {"format": 1, "dtype": token_dtype(tok.vocab_size).name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+             "tokenizer": tok.save(folder), "fingerprint": "tests", "splits": {}}  # fmt: skip
+    for split, split_docs in splits.items():
+        stream = np.concatenate(tok.encode_batch([text for _, text in split_docs]))  # (N,) uint16
+        pieces = np.array_split(stream, 2 if split == "train" else 1)
+        shards = []
+        for i, piece in enumerate(pieces):
+            name = f"{split}/{i:05d}.bin"
+            write_shard(folder / name, piece, token_dtype(tok.vocab_size))
+            shards.append({"file": name, "tokens": int(piece.size)})
+        index["splits"][split] = {"tokens": int(stream.size), "documents": len(split_docs), "shards": shards,
+                                  "bytes": sum(len(text.encode()) for _, text in split_docs)}  # fmt: skip
+    write_index(folder, index)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_bytes(tmp_path_factory) -> Path:
+    """A prepared folder of 330 real Wikipedia articles, byte-level (see :func:`write_prepared_bytes`)."""
+    return write_prepared_bytes(tmp_path_factory.mktemp("prepared-bytes"))

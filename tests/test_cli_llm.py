@@ -14,6 +14,8 @@ from ancre_lightning.cli import build_cli, main
 from conftest import CONFIGS, ROOT, tiny_run_args
 
 LLM_CONFIGS = sorted(p.name for p in (CONFIGS / "llm").glob("*.yaml"))
+QUICKSTART_CONFIGS = [c for c in LLM_CONFIGS if c.startswith("quickstart") and c != "quickstart_bpe.yaml"]
+PAPER_60M_CONFIGS = [c for c in LLM_CONFIGS if c.startswith("llama60m_")]
 SMALL_DATA = [
     "--data.init_args.batch_size=2",
     "--data.init_args.max_train_tokens=40000",
@@ -31,9 +33,23 @@ def test_llm_configs_are_shipped_for_every_connectivity():
         assert f"quickstart_{name}.yaml" in LLM_CONFIGS
 
 
-@pytest.mark.parametrize("config", LLM_CONFIGS)
-def test_every_llm_config_trains_two_steps(config, tmp_path):
-    cli = build_cli(["fit", "--config", str(CONFIGS / "llm" / config), *tiny_run_args(tmp_path), *SMALL_DATA])
+def tiny_model_args() -> list[str]:
+    """A paper-shape config at a width and depth that trains in a second on a CPU."""
+    return ["--model.init_args.dim=32", "--model.init_args.n_layers=2", "--model.init_args.n_heads=2",
+            "--model.init_args.mlp_hidden=64", "--model.init_args.compile=false"]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [*QUICKSTART_CONFIGS, *PAPER_60M_CONFIGS])
+def test_every_llm_config_trains_two_steps(config, tmp_path, prepared_bytes):
+    """Every quickstart as shipped (on a slice of its data); the 60M paper configs (their wiring,
+    optimiser, schedule and prepared-shards data section) at a tiny width over a small prepared folder
+    (the other paper shapes differ only in their numbers: tests/test_paper_shapes.py)."""
+    if config in PAPER_60M_CONFIGS:
+        data = [f"--data.init_args.path={prepared_bytes}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+                "--trainer.accumulate_grad_batches=1", *tiny_model_args()]  # fmt: skip
+    else:
+        data = SMALL_DATA
+    cli = build_cli(["fit", "--config", str(CONFIGS / "llm" / config), *tiny_run_args(tmp_path), *data])
     assert cli.trainer.global_step == 2
     loss = cli.trainer.callback_metrics["val/loss"]
     assert torch.isfinite(loss)
@@ -41,6 +57,21 @@ def test_every_llm_config_trains_two_steps(config, tmp_path):
     if expected != "quickstart":
         assert cli.model.connectivity.name == expected
     assert list(Path(tmp_path, "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_the_bpe_quickstart_trains_two_steps(tmp_path):
+    """configs/llm/quickstart_bpe.yaml as shipped, over a folder that ``ancre prepare`` wrote from a
+    slice of Wikipedia with a BPE trained on it: the model's vocabulary follows the data's."""
+    from ancre_lightning.datamodules.text.prepare import prepare
+
+    folder = tmp_path / "quickstart-bpe"
+    prepare(["wikipedia"], folder, "bpe:1024", workers=1, val_fraction=0.05, max_tokens=60_000, bpe_train_bytes=2**20, verbose=False)
+    cli = build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart_bpe.yaml"), *tiny_run_args(tmp_path),
+                     f"--data.init_args.path={folder}", "--data.init_args.batch_size=2"])  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 1024
+    assert cli.model.tokenizer.spec == "bpe:1024"
+    assert torch.isfinite(cli.trainer.callback_metrics["val/bpb"])
 
 
 def scalar_tags(folder: Path) -> set[str]:

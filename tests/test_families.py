@@ -50,7 +50,10 @@ def check_against(stack, x, ref_out, ref_exits=None):
     for p, g, r in zip(params, ours, ref):
         assert (g is None) == (r is None)
         if g is not None:
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+            # float32: a gradient entry is a long sum (20 Sinkhorn rounds for mHC) whose rounding error scales
+            # with the largest terms, i.e. with the tensor's largest gradient, not with the entry: measured
+            # 1.9e-6 x max|grad| at worst (mHC, 4 streams), so 1e-5 x max|grad| (and 1e-6 for tiny gradients)
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=max(1e-6, 1e-5 * float(r.abs().max())))
 
 
 # --- attention residuals --------------------------------------------------------------------------

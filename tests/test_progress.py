@@ -7,7 +7,7 @@ import re
 import sys
 
 import pytest
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 
 from ancre_lightning.callbacks import LineProgressBar
 from ancre_lightning.cli import build_cli
@@ -52,7 +52,8 @@ def test_the_cli_chooses_the_line_bar_only_off_a_terminal(tmp_path, monkeypatch)
     assert isinstance(cli.trainer.progress_bar_callback, LineProgressBar)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     cli = build_cli(args, run=False)
-    assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)
+    bar = cli.trainer.progress_bar_callback  # Lightning's own bar: tqdm, or rich where it is installed
+    assert isinstance(bar, ProgressBar) and not isinstance(bar, LineProgressBar)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     cli = build_cli([*args, "--trainer.enable_progress_bar=false"], run=False)
     assert cli.trainer.progress_bar_callback is None
