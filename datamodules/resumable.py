@@ -126,6 +126,25 @@ class _CountedPasses(DataLoader):
         self.batches_yielded = 0
         return _CountingIterator(self, super().__iter__())  # type: ignore[arg-type]
 
+    def _restore(self, state_dict: dict[str, Any], size: int, start: int) -> None:
+        """Set the sampler to a checkpoint's seed, epoch and start position ``start`` (positions of
+        this rank's order), unless the data set no longer has the ``size`` it had then."""
+        sampler = self.sampler
+        saved_size = state_dict.get("dataset_size")
+        if saved_size is not None and saved_size != size:
+            rank_zero_warn(
+                f"The training set has {size} samples but had {saved_size} when the checkpoint was saved; "
+                "the data order cannot continue where it stopped, so this epoch starts again from its beginning."
+            )
+            sampler.set_epoch(int(state_dict.get("epoch", 0)))  # type: ignore[attr-defined]
+            sampler.start = 0  # type: ignore[attr-defined]
+            return
+        sampler.seed = int(state_dict["seed"])  # type: ignore[attr-defined]
+        sampler.set_epoch(int(state_dict["epoch"]))  # type: ignore[attr-defined]
+        sampler.start = start  # type: ignore[attr-defined]
+        sampler.pass_epoch, sampler.pass_start = sampler.epoch, sampler.start  # type: ignore[attr-defined]
+        self.batches_yielded = 0
+
 
 class ResumableDataLoader(_CountedPasses):
     """A DataLoader over a :class:`ResumableSampler` whose position in the epoch is checkpointed.
@@ -168,20 +187,7 @@ class ResumableDataLoader(_CountedPasses):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue where the checkpoint stopped: same seed and epoch, consumed samples skipped."""
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        size = state_dict.get("dataset_size")
-        if size is not None and size != len(sampler.dataset):
-            rank_zero_warn(
-                f"The training set has {len(sampler.dataset)} samples but had {size} when the checkpoint was saved; "
-                "the data order cannot continue where it stopped, so this epoch starts again from its beginning."
-            )
-            sampler.set_epoch(int(state_dict.get("epoch", 0)))
-            sampler.start = 0
-            return
-        sampler.seed = int(state_dict["seed"])
-        sampler.set_epoch(int(state_dict["epoch"]))
-        sampler.start = int(state_dict["samples_consumed"]) // sampler.num_replicas
-        sampler.pass_epoch, sampler.pass_start = sampler.epoch, sampler.start
-        self.batches_yielded = 0
+        self._restore(state_dict, len(sampler.dataset), int(state_dict.get("samples_consumed", 0)) // sampler.num_replicas)
 
 
 def resumable_train_loader(
@@ -409,20 +415,7 @@ class ResumableBatchLoader(_CountedPasses):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue where the checkpoint stopped: same seed and epoch, from the consumed position."""
         sampler: ResumableBatchSampler = self.sampler  # type: ignore[assignment]
-        size = state_dict.get("dataset_size")
-        if size is not None and size != sampler.size:
-            rank_zero_warn(
-                f"The training set has {sampler.size} samples but had {size} when the checkpoint was saved; "
-                "the data order cannot continue where it stopped, so this epoch starts again from its beginning."
-            )
-            sampler.set_epoch(int(state_dict.get("epoch", 0)))
-            sampler.start = 0
-            return
-        sampler.seed = int(state_dict["seed"])
-        sampler.set_epoch(int(state_dict["epoch"]))
-        sampler.start = int(state_dict["samples_consumed"])
-        sampler.pass_epoch, sampler.pass_start = sampler.epoch, sampler.start
-        self.batches_yielded = 0
+        self._restore(state_dict, int(sampler.size), int(state_dict.get("samples_consumed", 0)))
 
 
 class EvaluationBatchSampler(DistributedSampler):
