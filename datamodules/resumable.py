@@ -117,7 +117,11 @@ class _CountedPasses(DataLoader):
     """A DataLoader whose sampler starts each pass (``begin_pass``: epoch and position) and whose
     batches handed out in the pass are counted (``batches_yielded``), the state a checkpoint keeps."""
 
-    batches_yielded: int
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()  # reseeded at each pass: the workers' seeds follow the epoch
+        super().__init__(*args, **kwargs)
+        self.batches_yielded = 0  # batches handed out in the pass in progress
 
     def __iter__(self) -> Iterator:
         sampler = self.sampler
@@ -166,10 +170,7 @@ class ResumableDataLoader(_CountedPasses):
         if not isinstance(sampler, ResumableSampler):
             raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
         kwargs.pop("shuffle", None)
-        if kwargs.get("generator") is None:
-            kwargs["generator"] = torch.Generator()
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
-        self.batches_yielded = 0  # batches handed out in the pass in progress
 
     # --- the state Lightning keeps in the checkpoint --------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -395,10 +396,7 @@ class ResumableBatchLoader(_CountedPasses):
             raise TypeError(f"ResumableBatchLoader needs a ResumableBatchSampler, got {type(batch_sampler).__name__}")
         for key in ("shuffle", "batch_size", "drop_last", "sampler"):
             kwargs.pop(key, None)
-        if kwargs.get("generator") is None:
-            kwargs["generator"] = torch.Generator()
         super().__init__(dataset, batch_size=None, sampler=batch_sampler, **kwargs)
-        self.batches_yielded = 0  # batches handed out in the pass in progress
 
     def state_dict(self) -> dict[str, Any]:
         """Seed, epoch and positions of the epoch's order consumed over all ranks."""

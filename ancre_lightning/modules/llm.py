@@ -228,8 +228,7 @@ class LLMModule(ConnectivityModule):
         metrics = super().exit_metrics(output, target)
         metrics["ppl"] = metrics["loss"].exp()
         if self.tokenizer is not None:
-            nbytes = self.label_bytes(target)
-            metrics["bpb"] = metrics["loss"] * target.numel() / nbytes.clamp_min(1) / math.log(2)
+            metrics["bpb"], _ = self.bits_per_byte(metrics["loss"], target)
         return metrics
 
     def exit_metric_weights(self, target: Tensor) -> dict[str, Tensor]:
@@ -363,11 +362,17 @@ class LLMModule(ConnectivityModule):
     def on_validation_start(self) -> None:
         self._last_batch_end = None  # validation time is not training throughput
 
-    def update_bpb(self, metric: MeanMetric, loss: Tensor, labels: Tensor) -> None:
-        """Add a batch to a bits-per-byte metric: its summed loss / its bytes / ln 2, weighted by
-        its bytes, so the metric's mean is total nats / total bytes / ln 2 (over DDP ranks too)."""
+    def bits_per_byte(self, loss: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Bits per byte of a mean next-token ``loss`` over ``labels`` (its summed loss / the bytes
+        the labels stand for / ln 2) and those bytes."""
         nbytes = self.label_bytes(labels)
-        metric.update(loss.detach() * labels.numel() / nbytes.clamp_min(1) / math.log(2), weight=nbytes)
+        return loss * labels.numel() / nbytes.clamp_min(1) / math.log(2), nbytes
+
+    def update_bpb(self, metric: MeanMetric, loss: Tensor, labels: Tensor) -> None:
+        """Add a batch to a bits-per-byte metric, weighted by its bytes, so the metric's mean is
+        total nats / total bytes / ln 2 (over DDP ranks too)."""
+        bpb, nbytes = self.bits_per_byte(loss.detach(), labels)
+        metric.update(bpb, weight=nbytes)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss = self.next_token_loss(batch)
