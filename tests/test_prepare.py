@@ -192,6 +192,28 @@ def test_max_tokens_stops_early(wiki_folder, cache, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / META_FILE).read_text())["stopped_at_max_tokens"]
 
 
+def _cli_run(argv: list[str]) -> None:
+    """Run ``ancre prepare ...`` as a user types it; it must succeed."""
+    try:
+        ancre_main(["prepare", *argv])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), exit_.code
+
+
+def test_the_command_as_typed_writes_the_folder_then_does_nothing(wiki_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    _cli_run([str(wiki_folder), "--tokenizer", "bytes", "--workers", "1", "--val_fraction", "0.1", "--out", str(out)])
+    index = json.loads((out / INDEX_FILE).read_text())
+    meta = json.loads((out / META_FILE).read_text())
+    assert index["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"] > 0
+    assert meta["splits"]["val"]["documents"] > 0 and meta["tokenizer"]["spec"] == "bytes"
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    _cli_run([str(wiki_folder), "--tokenizer", "bytes", "--workers", "1", "--val_fraction", "0.1", "--out", str(out)])
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+
+
 # --------------------------------------------------------------------------- bad input
 
 
