@@ -94,6 +94,21 @@ def parse_error_message(message: str, options: Mapping[str, Iterable[str]]) -> s
     return f"bad value for {name!r}: {body}" if name else body
 
 
+def load_failure(exc: BaseException) -> str:
+    """What a failed ``torch.load(..., weights_only=True)`` means, as a phrase for one line.
+
+    A file that needs a Python global to be unpickled (a function a crafted file would call, or a
+    class of another program) is named as such, e.g. ``it holds a Python object (GLOBAL getattr)
+    that would run code on loading``; any other failure gives the first line of its message.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's message carries terminal colour codes
+    found = re.search(r"Unsupported global: (GLOBAL [\w.]+)|Unsupported operand \d+|Unsupported class ([\w.]+)", text)
+    if found or "Weights only load failed" in text:
+        what = next((g for g in found.groups() if g), found.group(0)) if found else "an object"
+        return f"it holds a Python object ({what}) that would run code on loading, so it is not read"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def state_mismatch_examples(
     missing: list[str], unexpected: list[str], reshaped: list[str], given: Mapping, own: Mapping, source: str
 ) -> list[str]:

