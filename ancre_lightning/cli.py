@@ -18,6 +18,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ancre_lightning.checkpointing import (
     ResumeStateCallback,
@@ -32,6 +33,7 @@ from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, StreamGrowth
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_options, options_parser
 from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
+from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, machine_summary
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
 from ancre_lightning.modules.base import check_checkpoint_for_config
 
@@ -65,6 +67,7 @@ class AncreCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         args = self._with_checkpoint_config(args)
+        self._argv = list(sys.argv[1:]) if args is None else args
         for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             p.exit_on_error = False  # raise instead of printing the whole usage block
         try:
@@ -126,7 +129,13 @@ class AncreCLI(LightningCLI):
         if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars
         kwargs["callbacks"] = callbacks
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except UserInputError:
+            raise
+        except (MisconfigurationException, ValueError) as exc:  # e.g. a strategy this machine's devices cannot run
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserInputError(f"the trainer cannot be built as configured: {first} (this machine has {machine_summary()})") from None
         use_atomic_checkpoints(trainer)  # checkpoints are written to a temporary file, fsynced, then renamed
         return trainer
 
@@ -141,8 +150,18 @@ class AncreCLI(LightningCLI):
         return args if with_config is argv else with_config
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand is not None else self.config
+        trainer = config.get("trainer") or {}
+        check_accelerator(trainer.get("accelerator"), trainer.get("devices"), self._accelerator_sources())
         if self.subcommand is not None:  # --ckpt_path last -> the run's newest last.ckpt, same log version
             resolve_resume(self.config[self.subcommand], keep_version=self.subcommand == "fit")
+
+    def _accelerator_sources(self) -> list[str]:
+        """Where ``trainer.accelerator`` was set: the command-line option, or the last config file."""
+        argv = [str(a) for a in getattr(self, "_argv", None) or []]
+        if any(a.split("=", 1)[0] in ("--trainer.accelerator",) for a in argv):
+            return ["--trainer.accelerator"]
+        return configs_setting_accelerator(argv)[-1:]
 
 
 class ConnectivityHelp(argparse.Action):

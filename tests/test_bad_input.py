@@ -335,3 +335,37 @@ def test_switching_the_wiring_on_the_command_line_leaves_out_the_configs_other_o
     cli = build_cli(["--config", QUICKSTART, *TINY, "--model.init_args.connectivity", "mhc",
                      "--model.init_args.connectivity_options", "{streams: 2}"], run=False)  # fmt: skip
     assert cli.model.connectivity.num_streams == 2
+
+
+# --------------------------------------------------------------------------- the machine's devices
+
+
+@pytest.mark.parametrize(
+    "args, source",
+    [
+        (["--config", str(CONFIGS / "trainer" / "gpu.yaml")], "configs/trainer/gpu.yaml"),
+        (["--config", str(CONFIGS / "trainer" / "ddp_gpu.yaml")], "configs/trainer/ddp_gpu.yaml"),
+        (["--trainer.accelerator", "gpu"], "--trainer.accelerator"),
+        (["--trainer.accelerator=cuda"], "--trainer.accelerator"),
+    ],
+    ids=["gpu.yaml", "ddp_gpu.yaml", "option", "option-cuda"],
+)
+def test_a_gpu_trainer_on_a_machine_without_one_is_one_line(args, source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the same on a machine that has GPUs
+    line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), *args], capsys)
+    assert source in line and "no GPU that torch can use" in line and "configs/trainer/cpu.yaml" in line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.out.*"))  # nothing was started
+
+
+def test_more_gpus_than_the_machine_has_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), "--trainer.accelerator=gpu",
+                        "--trainer.devices=4"], capsys)  # fmt: skip
+    assert "asks for 4 GPUs" in line and "1 CUDA GPU (Test GPU)" in line and "--trainer.devices 1" in line
+
+
+def test_a_trainer_lightning_refuses_is_one_line(tmp_path, capsys):
+    line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), "--trainer.accelerator=cpu",
+                        "--trainer.devices=0"], capsys)  # fmt: skip
+    assert "the trainer cannot be built as configured" in line and "devices" in line
