@@ -302,10 +302,33 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(step, v) for step, v, _ in points] for tag, points in read_scalar_events(folder).items()}
 
 
-def validation_curve(points: list[tuple]) -> list[tuple]:
-    """A validation metric's points with the step shifted to the number of optimizer steps taken
-    (Lightning logs validation metrics at the step of the last training batch, global_step - 1)."""
-    return [(p[0] + 1, *p[1:]) for p in points]
+def validation_shift(scalars: dict[str, list[tuple]]) -> int:
+    """What to add to a run's validation steps to count optimizer steps taken: 1 for runs logged
+    while validation metrics sat at Lightning's own step (global_step - 1), 0 for runs logged since
+    they sit at global_step.
+
+    Told apart by the callbacks' scalars (``stream/*``, ``early_exit/*``), which have always been
+    logged at global_step at the same validations; a run without them is judged by its last
+    validation step (step 3999 of a 4000-step run is the old convention, 4000 the new one).
+    """
+    val = [p[0] for tag, points in scalars.items() if tag.startswith("val/") for p in points]
+    if not val:
+        return 0
+    last = max(val)
+    reference = {p[0] for tag, points in scalars.items() if tag.startswith(("stream/", "early_exit/")) for p in points}
+    if reference:
+        return 0 if last in reference else 1
+
+    def zeros(n: int) -> int:
+        return len(str(n)) - len(str(n).rstrip("0")) if n else 0
+
+    return 1 if zeros(last + 1) > zeros(last) else 0
+
+
+def validation_curve(points: list[tuple], shift: int = 1) -> list[tuple]:
+    """A validation metric's points with the step moved to the number of optimizer steps taken
+    (``shift`` from :func:`validation_shift`)."""
+    return [(p[0] + shift, *p[1:]) for p in points]
 
 
 def final_gate_png(runs_dir: Path, name: str) -> Path | None:

@@ -48,6 +48,8 @@ from _runs import (  # noqa: E402
     resolve_folders,
     run_record,
     sweep_parser,
+    validation_curve,
+    validation_shift,
     write_report,
 )
 
@@ -93,9 +95,7 @@ def collect(runs_dir: Path, connectivities: list[str], seeds: list[int]) -> dict
             if not is_done(runs_dir, name):
                 continue
             scalars = read_scalars(log_dir(runs_dir, name))
-            # Lightning logs validation metrics at the step of the last training batch, global_step - 1:
-            # shift them to the number of optimizer steps taken
-            val = [(s + 1, v) for s, v in scalars.get("val/loss", [])]
+            val = validation_curve(scalars.get("val/loss", []), validation_shift(scalars))  # steps taken
             if not val:
                 continue
             ppl = scalars.get("val/ppl", [])

@@ -47,6 +47,8 @@ from _runs import (  # noqa: E402
     resolve_folders,
     run_record,
     sweep_parser,
+    validation_curve,
+    validation_shift,
     write_report,
 )
 
@@ -118,8 +120,7 @@ def collect(runs_dir: Path, wirings: list[str], seeds: list[int]) -> dict:
             entry = {
                 "wiring": w,
                 "seed": seed,
-                # Lightning logs validation metrics at global_step - 1; shift to optimizer steps taken
-                "val_acc1": [(s + 1, v) for s, v in scalars.get("val/acc1", [])],
+                "val_acc1": validation_curve(scalars.get("val/acc1", []), validation_shift(scalars)),  # steps taken
                 "exit_steps": steps,
                 "exit_accuracy": per_exit,
                 "final_exit_accuracy": per_exit[-1],

@@ -303,6 +303,10 @@ def test_heatmap_and_exit_figures_are_in_the_tensorboard_event_file(tmp_path):
     image = events.Images("gates/wiring")[-1]
     assert image.width > 100 and image.height > 100 and image.encoded_image_string.startswith(b"\x89PNG")
     assert [e.step for e in events.Images("early_exit/metric_vs_depth")] == [2, 4]
+    # one step convention: validation after 2 optimiser steps is logged at step 2, like the pictures
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("early_exit/loss_exit3")] == [2, 4]
+    assert "step" not in events.Tags()["scalars"]
     assert "gates/logits" in tags["histograms"]
     scalars = set(tags["scalars"])
     assert {"gates/tau", "gates/sparsity_penalty", "gates/active_shortcuts", "gates/shortcut_mass"} <= scalars

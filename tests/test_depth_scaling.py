@@ -243,7 +243,8 @@ def test_finished_run_folder_becomes_a_record(tmp_path):
     for step, value in [(1, 3.0), (3, 2.5)]:
         writer.add_scalar("train/loss", value, step)
         writer.add_scalar("train/tokens_per_s", 1000.0 * step, step)
-    writer.add_scalar("val/loss", 2.4, 3)  # logged at global_step - 1: the record says step 4
+    writer.add_scalar("val/loss", 2.4, 3)  # logged at global_step - 1 (runs before the step fix): the record says step 4
+    writer.add_scalar("stream/growth", 9.0, 4)  # the callbacks' scalars of that validation: at global_step
     writer.add_scalar("gates/entropy", 0.5, 3)  # neither train/ nor val/: left out
     writer.close()
     config = yaml.safe_load(depth_scaling.PRESETS["cpu"].read_text(encoding="utf-8"))
@@ -263,7 +264,7 @@ def test_finished_run_folder_becomes_a_record(tmp_path):
     assert rec["meta"] == {"wiring": "ancre", "depth": 2, "seed": 0}
     assert rec["final_step"] == 4 and rec["final_val_loss"] == pytest.approx(2.4)
     assert [p[:2] for p in rec["curves"]["train/loss"]] == [[1, 3.0], [3, 2.5]]
-    assert set(rec["curves"]) == {"train/loss", "train/tokens_per_s", "val/loss"}
+    assert set(rec["curves"]) == {"train/loss", "train/tokens_per_s", "val/loss", "stream/growth"}
     assert rec["tokens_per_s"] == pytest.approx(2000.0) and rec["tokens_per_step"] == 16 * 128
     assert rec["parameters"] == depth_scaling.parameter_count(config["model"]["init_args"])
     assert rec["command"][-1] == "--config=./x.yaml"
@@ -287,3 +288,15 @@ def test_colours_are_distinct_and_neighbours_do_not_share_a_hue():
 
     tab20 = colormaps["tab20"]
     assert col["w0"] == tab20(0) and col["w1"] == tab20(2) and col["w10"] == tab20(1)  # dark hues first, then light
+
+
+def test_validation_steps_count_optimizer_steps_in_old_and_new_runs():
+    """Runs logged before validation metrics moved to global_step have them one step lower than
+    the callbacks' scalars of the same validation; both read back as optimizer steps taken."""
+    old = {"val/loss": [(99, 2.0, 0.0), (199, 1.5, 0.0)], "stream/growth": [(100, 9.0, 0.0), (200, 9.0, 0.0)]}
+    new = {"val/loss": [(100, 2.0, 0.0), (200, 1.5, 0.0)], "stream/growth": [(100, 9.0, 0.0), (200, 9.0, 0.0)]}
+    for run in (old, new):
+        assert [p[0] for p in _runs.validation_curve(run["val/loss"], _runs.validation_shift(run))] == [100, 200]
+    assert _runs.validation_shift({"val/loss": [(3999, 1.0)]}) == 1  # no callback scalars: the last step says
+    assert _runs.validation_shift({"val/loss": [(4000, 1.0)]}) == 0
+    assert _runs.validation_shift({"train/loss": [(5, 1.0)]}) == 0

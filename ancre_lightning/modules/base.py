@@ -160,6 +160,12 @@ class ConnectivityModule(L.LightningModule):
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark_cuda_graph_step()
+        if batch_idx == 0 and dataloader_idx == 0 and self._trainer is not None and not self.trainer.sanity_checking:
+            # Validation metrics are logged at the number of optimiser steps taken (trainer.global_step),
+            # the step the console, the checkpoints and the gate pictures name: Lightning would log
+            # them one lower (it counts the batch in progress as not yet stepped). A "step" value is
+            # Lightning's way to set the x-axis of an epoch's metrics; it is not written as a metric.
+            self.log("step", float(self.trainer.global_step), on_step=False, on_epoch=True, batch_size=1)
 
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark_cuda_graph_step()
