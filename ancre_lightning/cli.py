@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
@@ -31,8 +32,8 @@ from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, StreamGrowth
-from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_options, options_parser
-from ancre_lightning.errors import UserInputError, known_option_names, parse_error_message
+from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_help, connectivity_options
+from ancre_lightning.errors import UserInputError, check_yaml_syntax, known_option_names, parse_error_message
 from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, machine_summary
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
 from ancre_lightning.modules.base import check_checkpoint_for_config
@@ -68,6 +69,8 @@ class AncreCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         args = self._with_checkpoint_config(args)
         self._argv = list(sys.argv[1:]) if args is None else args
+        for path in config_paths(self._argv):  # a syntax error names its file and line
+            check_yaml_syntax(path)
         for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             p.exit_on_error = False  # raise instead of printing the whole usage block
         try:
@@ -161,7 +164,7 @@ class AncreCLI(LightningCLI):
         argv = [str(a) for a in getattr(self, "_argv", None) or []]
         if any(a.split("=", 1)[0] in ("--trainer.accelerator",) for a in argv):
             return ["--trainer.accelerator"]
-        return configs_setting_accelerator(argv)[-1:]
+        return configs_setting_accelerator(config_paths(argv))[-1:]
 
 
 class ConnectivityHelp(argparse.Action):
@@ -171,8 +174,7 @@ class ConnectivityHelp(argparse.Action):
         name = str(values).lower()
         if name not in CONNECTIVITIES:
             raise UserInputError(f"unknown connectivity {values!r}; valid connectivities: {', '.join(CONNECTIVITIES)}")
-        print(f"Options of connectivity {name!r} (model init_args connectivity_options; the model sets num_layers and dim):\n")
-        options_parser(name).print_help()
+        print(connectivity_help(name))
         sys.exit(0)
 
 
@@ -182,6 +184,17 @@ class _NoAdvertTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
         return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
+def config_paths(argv: Sequence[str]) -> list[str]:
+    """The existing files given as ``--config FILE`` or ``--config=FILE`` in ``argv``, in order."""
+    args = [str(a) for a in argv if isinstance(a, (str, os.PathLike))]
+    found = []
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is not None and os.path.isfile(path):
+            found.append(path)
+    return found
 
 
 def data_vocab_size(data: object) -> int | None:

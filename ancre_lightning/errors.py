@@ -94,6 +94,27 @@ def parse_error_message(message: str, options: Mapping[str, Iterable[str]]) -> s
     return f"bad value for {name!r}: {body}" if name else body
 
 
+def check_yaml_syntax(path: str) -> None:
+    """Raise a one-line :class:`UserInputError` naming the file, line and column when ``path`` is
+    not valid YAML (the config parser itself names only ``"<unicode string>"``)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+        context = ""
+        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+            context = f" ({exc.context} at line {exc.context_mark.line + 1})"
+        raise UserInputError(f"{where}: YAML syntax error: {exc.problem}{context}; check the indentation and brackets there") from None
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: YAML syntax error: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path} is not a text file ({exc.reason} at byte {exc.start}); --config takes a YAML file") from None
+
+
 def load_failure(exc: BaseException) -> str:
     """What a failed ``torch.load(..., weights_only=True)`` means, as a phrase for one line.
 

@@ -75,17 +75,13 @@ def check_accelerator(accelerator: Any, devices: Any = None, sources: Sequence[s
         )
 
 
-def configs_setting_accelerator(argv: Sequence[str]) -> list[str]:
-    """The ``--config`` files in ``argv`` whose ``trainer`` section sets ``accelerator`` (unreadable
+def configs_setting_accelerator(paths: Sequence[str]) -> list[str]:
+    """The config files among ``paths`` whose ``trainer`` section sets ``accelerator`` (unreadable
     files are skipped: the parser reports them)."""
     import yaml
 
     found = []
-    args = [str(a) for a in argv]
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg == "--config" and i + 1 < len(args) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if path is None or not os.path.isfile(path):
-            continue
+    for path in paths:
         try:
             with open(path) as f:
                 config = yaml.safe_load(f)

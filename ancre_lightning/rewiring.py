@@ -348,12 +348,30 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
     except AttributeError:
         raise UserInputError(
             f"rewire: {type(model).__name__} has no submodule {path!r}; give the dotted path of its container of "
-            f"blocks (an nn.ModuleList or nn.Sequential), e.g. one of: {', '.join(_candidates(model)[:6]) or 'none found'}"
+            f"blocks (an nn.ModuleList or nn.Sequential); {_what_it_has(model)}"
         ) from None
 
 
 def _candidates(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if name and _sequence(m)]
+    """Paths that ``blocks=`` could name: the model itself (``""``) and every non-empty nn.ModuleList
+    or nn.Sequential inside it."""
+    return [repr(name) for name, m in model.named_modules() if _sequence(m)]
+
+
+def _what_it_has(model: nn.Module) -> str:
+    """The containers ``blocks=`` could name, or, when there are none, what the model's children
+    are, for a message that says what rewire saw."""
+    found = _candidates(model)
+    if found:
+        if found[0] == "''":
+            return (f"{type(model).__name__} is itself a container of blocks: pass blocks='' and use the module "
+                    "rewire returns (the wired container)")  # fmt: skip
+        return f"the containers in this model: {', '.join(found[:8])}"
+    children = [f"{name} ({type(m).__name__})" for name, m in model.named_children()][:8]
+    return (
+        f"it has no nn.ModuleList or nn.Sequential (its children: {', '.join(children) or 'none'}); "
+        "hold the blocks in an nn.ModuleList and loop over it in forward"
+    )
 
 
 def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[str]:
@@ -371,7 +389,7 @@ def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None =
             if not _sequence(_resolve(model, path)):
                 raise UserInputError(
                     f"rewire: {path!r} is a {type(_resolve(model, path)).__name__}, not a non-empty nn.ModuleList or "
-                    f"nn.Sequential of blocks; candidates in this model: {', '.join(_candidates(model)[:6]) or 'none'}"
+                    f"nn.Sequential of blocks; {_what_it_has(model)}"
                 )
         return paths
     for name in BLOCK_CONTAINERS:
@@ -394,7 +412,7 @@ def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None =
     raise UserInputError(
         f"rewire could not find the blocks of {type(model).__name__} (looked for {', '.join(BLOCK_CONTAINERS)}, "
         f"stages.i.blocks and layer1, layer2, ...); pass blocks='dotted.path' naming its nn.ModuleList or "
-        f"nn.Sequential of blocks, e.g. one of: {', '.join(_candidates(model)[:6]) or 'none found'}"
+        f"nn.Sequential of blocks; {_what_it_has(model)}"
     )
 
 
@@ -445,7 +463,8 @@ def rewire(
         connectivity: a name of :func:`~ancre_lightning.connectivity.build_connectivity`
             (residual, ancre, acn, denseformer, fixed, attnres, hyper, mhc, mudd).
         blocks: dotted path(s) of the container(s) of blocks; by default ``blocks``,
-            ``transformer_blocks`` or ``layers``, else ``stages.i.blocks``, else ``layer1..layerN``.
+            ``transformer_blocks`` or ``layers``, else ``stages.i.blocks``, else ``layer1..layerN``;
+            ``""`` is the model itself, when it is the nn.Sequential of blocks.
             Every container gets its own connectivity; a leading block with a ``downsample``
             (a ResNet stage's first block) stays a plain block before the wired ones.
         granularity: ``block`` (each block is a layer) or ``sublayer`` (each attention and each
@@ -457,7 +476,9 @@ def rewire(
         **options: the connectivity's own options (e.g. ``tau=0.01`` for ancre).
 
     Returns:
-        ``model`` itself, each container replaced by a :class:`RewiredBlocks`.
+        ``model`` itself, each container replaced by a :class:`RewiredBlocks`; with ``blocks=""``
+        (the model is itself the nn.Sequential / nn.ModuleList of blocks) the new
+        :class:`RewiredBlocks`, which takes the model's place.
 
     Raises:
         UserInputError: no blocks found, an unknown wiring or option, or a wiring these blocks
@@ -489,6 +510,8 @@ def rewire(
     built = [(path, plain, transitions, *_wire(model, path, wired, key, sublayers, dim, options))
              for path, plain, transitions, wired in plans]  # fmt: skip  (every check before any change)
     for path, plain, transitions, conn, layers in built:
+        if path == "":  # the model is the container itself: the wired container replaces it
+            return RewiredBlocks(plain, conn, layers, transitions, aggregation)
         _set_submodule(model, path, RewiredBlocks(plain, conn, layers, transitions, aggregation))
     return model
 

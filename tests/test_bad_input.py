@@ -318,14 +318,26 @@ def test_an_unknown_granularity_is_one_line(capsys):
     assert "granularity" in message and "layers" in message
 
 
-def test_connectivity_help_lists_the_options_with_types(capsys):
+@pytest.mark.parametrize("name", ["mhc", "ancre", "attnres", "residual"])
+def test_connectivity_help_lists_the_options_with_types(name, capsys):
+    """The wiring's summary once, every option with its type and default, no reST markup and no
+    usage line of flags that the ancre command does not take."""
+    from ancre_lightning.connectivity.registry import connectivity_options
+
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--connectivity.help", "mhc"])
+        main(["fit", "--connectivity.help", name])
     assert exit_info.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())  # the help is wrapped to the terminal's width
-    for option in ("--streams", "--sinkhorn_iters", "--init {residual,uniform}"):
-        assert option in out
-    assert "type: int, default: 4" in out and "Sinkhorn-Knopp rounds" in out
+    text = capsys.readouterr().out
+    assert "usage:" not in text and "``" not in text and ":class:" not in text and "--help" not in text
+    assert text.startswith(f"Connectivity {name!r}: ") and text.count(text.splitlines()[0]) == 1
+    out = " ".join(text.split())
+    for option, default in connectivity_options(name).items():
+        assert f"{option} (" in out and f"default {default!r})" in out
+    if name == "mhc":
+        assert "streams (int; default 4)" in out and "Sinkhorn-Knopp rounds" in out
+        assert "init (one of residual, uniform; default 'residual')" in out
+    if name == "residual":
+        assert "It has no options." in out
 
 
 def test_switching_the_wiring_on_the_command_line_leaves_out_the_configs_other_options(capsys):
@@ -369,3 +381,12 @@ def test_a_trainer_lightning_refuses_is_one_line(tmp_path, capsys):
     line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), "--trainer.accelerator=cpu",
                         "--trainer.devices=0"], capsys)  # fmt: skip
     assert "the trainer cannot be built as configured" in line and "devices" in line
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("model:\n  init_args:\n    n_layers: 4\n   dim: [1, 2\n")  # line 4 is indented wrongly
+    line = ancre_error(["fit", "--config", QUICKSTART, "--config", str(bad)], capsys)
+    assert f"{bad}, line 4, column 4: YAML syntax error" in line and "<unicode string>" not in line
+    line = ancre_error(["fit", f"--config={bad}"], capsys)
+    assert f"{bad}, line 4" in line

@@ -246,6 +246,45 @@ def test_blocks_can_be_named_and_the_width_comes_from_the_blocks():
         ancre_lightning.rewire(model, "ancre")
 
 
+class _AddLinear(nn.Module):
+    """x + W x: the smallest residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_a_model_that_is_its_own_container_is_wired_with_empty_blocks():
+    torch.manual_seed(0)
+    plain = nn.Sequential(_AddLinear(), _AddLinear(), _AddLinear())
+    with pytest.raises(UserInputError, match="is itself a container of blocks: pass blocks=''") as info:
+        ancre_lightning.rewire(plain, "ancre")
+    assert "\n" not in str(info.value)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    wired = ancre_lightning.rewire(plain, "residual", blocks="")
+    assert isinstance(wired, RewiredBlocks) and len(list(plain.children())) == 3  # the model is left as it was
+    torch.testing.assert_close(wired(x), plain(x), rtol=0, atol=0)
+    assert isinstance(ancre_lightning.rewire(plain, "ancre", blocks=""), RewiredBlocks)
+
+
+def test_a_model_without_a_container_hears_what_rewire_saw():
+    class Loose(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.head = _AddLinear(), _AddLinear(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.second(self.first(x)))
+
+    with pytest.raises(UserInputError, match=r"its children: first \(_AddLinear\), second \(_AddLinear\), head \(Linear\)"):
+        ancre_lightning.rewire(Loose(), "ancre")
+    with pytest.raises(UserInputError, match="the containers in this model: 'blocks'"):
+        ancre_lightning.rewire(make("timm_vit"), "ancre", blocks="norm")
+
+
 def test_indexing_gives_the_plain_block_and_slicing_is_refused():
     model = ancre_lightning.rewire(make("dit"), "ancre")
     assert isinstance(model.transformer_blocks[0], nn.Module) and len(model.transformer_blocks) == 3

@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from typing import Any
+import re
+import textwrap
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .acn import AutoCompressing
 from .ancre import ANCRe
@@ -43,6 +45,41 @@ def options_parser(name: str):
     parser = ArgumentParser(prog=f"connectivity {name}", exit_on_error=False, description=(cls.__doc__ or "").split("\n")[0])
     parser.add_class_arguments(cls, skip={"num_layers", "dim"})
     return parser
+
+
+def _plain_text(text: str) -> str:
+    """Docstring text for a terminal: roles and double backticks removed, lines joined."""
+    text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", text)  # :class:`~a.b.C` -> C
+    return " ".join(text.replace("``", "").split())
+
+
+def _type_name(annotation: Any) -> str:
+    """``Literal['a', 'b']`` -> ``one of a, b``; other annotations as written."""
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def connectivity_help(name: str, width: int = 96) -> str:
+    """The help of ``ancre fit --connectivity.help NAME``: what the wiring is, then each option
+    with its type, default and description, and how to pass them."""
+    cls = CONNECTIVITIES[name]
+    summary = _plain_text((cls.__doc__ or "").strip().split("\n\n")[0])
+    hints = get_type_hints(cls.__init__)
+    docs = {a.dest: a.help or "" for a in options_parser(name)._actions if a.dest != "help"}
+    defaults = connectivity_options(name)
+    lines = [f"Connectivity {name!r}: {summary}", ""]
+    if not defaults:
+        lines.append("It has no options.")
+    else:
+        lines.append("Options (the model's connectivity_options; the model sets num_layers and dim):")
+        for key, default in defaults.items():
+            lines.append(f"  {key}  ({_type_name(hints.get(key, Any))}; default {default!r})")
+            lines += textwrap.wrap(_plain_text(docs.get(key, "")), width, initial_indent="      ", subsequent_indent="      ")
+        key, default = next(iter(defaults.items()))
+        lines += ["", "For example:", f"  ancre fit --config configs/llm/quickstart.yaml --model.init_args.connectivity {name} "
+                  f"--model.init_args.connectivity_options '{{{key}: {default}}}'"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def typed_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
