@@ -83,6 +83,7 @@ from _runs import (  # noqa: E402
     run_record,
     sweep_parser,
     validation_curve,
+    validation_shift,
     welch,
     write_report,
 )
@@ -198,7 +199,8 @@ def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
     and ``stream/*`` scalars, ``[step, value, seconds since the start]``; validation steps count optimizer steps),
     tokens a step, median tokens/s and the parameter count."""
     events = read_scalar_events(log_dir(runs_dir, s.name))
-    curves = {tag: _curve(validation_curve(points) if tag.startswith("val/") else points, done["started_unix"])
+    shift = validation_shift(events)
+    curves = {tag: _curve(validation_curve(points, shift) if tag.startswith("val/") else points, done["started_unix"])
               for tag, points in events.items() if tag.startswith(("val/", "train/", "stream/"))}
     val = curves.get("val/loss", [])
     if not val:
