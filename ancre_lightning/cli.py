@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -31,7 +31,7 @@ from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short nam
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
-from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, StreamGrowth
+from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, ParameterSummary, StreamGrowth
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_help, connectivity_options
 from ancre_lightning.errors import UserInputError, check_yaml_syntax, known_option_names, parse_error_message
 from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, machine_summary
@@ -131,6 +131,9 @@ class AncreCLI(LightningCLI):
         progress = kwargs.get("enable_progress_bar", self._get(self.config_init, "trainer", default={}).get("enable_progress_bar"))
         if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars
+        summary = kwargs.get("enable_model_summary", self._get(self.config_init, "trainer", default={}).get("enable_model_summary"))
+        if summary is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks = [*callbacks, ParameterSummary()]  # Lightning's table, less its FLOPs column of zeros
         kwargs["callbacks"] = callbacks
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -179,11 +182,13 @@ class ConnectivityHelp(argparse.Action):
 
 
 class _NoAdvertTips(logging.Filter):
-    """Drops Lightning's "Tip: ... try installing litlogger / litmodels" lines, printed on every run."""
+    """Drops lines Lightning prints on every run that tell the user nothing: "Tip: ... try
+    installing litlogger / litmodels", and that the trainer has a model summary (ours)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+        advert = "Tip:" in message and ("litlogger" in message or "litmodels" in message)
+        return not (advert or message.startswith("Trainer already configured with model summary callbacks"))
 
 
 def config_paths(argv: Sequence[str]) -> list[str]:
@@ -209,11 +214,21 @@ def measures_stream(model: object) -> bool:
     return callable(method) and method is not ConnectivityModule.exit_states
 
 
+#: Warnings raised on every run by the installed versions themselves, about code that is not ours.
+KNOWN_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree under torch >= 2.10
+)
+
+
 def silence_lightning_tips() -> None:
-    """Install :class:`_NoAdvertTips` on the logger Lightning's ``rank_zero_info`` writes to (once)."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoAdvertTips) for f in logger.filters):
-        logger.addFilter(_NoAdvertTips())
+    """Install :class:`_NoAdvertTips` on the loggers Lightning's ``rank_zero_info`` writes to
+    (once), and ignore the :data:`KNOWN_NOISE` warnings."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.callback_connector"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertTips) for f in logger.filters):
+            logger.addFilter(_NoAdvertTips())
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AncreCLI:
@@ -264,7 +279,9 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-USER_ERRORS = (UserInputError, FileNotFoundError, DataFetchError)
+#: Errors that mean "the input is wrong"; Lightning's MisconfigurationException is a trainer
+#: configuration it cannot run (e.g. a LearningRateMonitor with ``trainer.logger: false``).
+USER_ERRORS = (UserInputError, FileNotFoundError, DataFetchError, MisconfigurationException)
 
 
 def find_user_error(exc: BaseException) -> BaseException | None:

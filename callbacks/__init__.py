@@ -31,6 +31,7 @@ from .finite_guard import FiniteGuard
 from .progress import LineProgressBar
 from .sparsity import GateSparsity, shortcut_penalty
 from .stream import StreamGrowth, stream_mean_squares
+from .summary import ParameterSummary
 from .temperature import GateTemperatureAnnealing, annealed_temperature
 from .visualization import GateVisualization
 
@@ -41,6 +42,7 @@ __all__ = [
     "GateTemperatureAnnealing",
     "GateVisualization",
     "LineProgressBar",
+    "ParameterSummary",
     "StreamGrowth",
     "annealed_temperature",
     "confidence_exit",

@@ -390,3 +390,8 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
     assert f"{bad}, line 4, column 4: YAML syntax error" in line and "<unicode string>" not in line
     line = ancre_error(["fit", f"--config={bad}"], capsys)
     assert f"{bad}, line 4" in line
+
+
+def test_a_callback_lightning_refuses_mid_start_is_one_line(tmp_path, capsys):
+    line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), *TINY, "--trainer.logger=false"], capsys)
+    assert "LearningRateMonitor" in line and "no logger" in line

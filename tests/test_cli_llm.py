@@ -230,3 +230,21 @@ def test_misspelt_config_key_is_named(tmp_path, capsys):
 def test_console_script_is_installed():
     result = run_ancre(["--help"], cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "fit" in result.stdout
+
+
+def test_a_run_prints_no_known_noise(tmp_path, capfd):
+    """The start of a run: the parameter table without a FLOPs column of zeros, no "Total FLOPs: 0",
+    no deprecation warning of the installed versions, and no note that the summary was replaced."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), *SMALL_DATA,
+                   "--trainer.enable_model_summary=true"])  # fmt: skip
+    out, err = capfd.readouterr()
+    assert "trainable parameters" in out and "CausalLM" in out
+    assert "FLOPs" not in out + err and "Total Flops" not in out + err
+    assert "Trainer already configured with model summary" not in out + err
+    assert not [w for w in caught if "LeafSpec" in str(w.message)], [str(w.message) for w in caught]
+    build_cli(["fit", "--config", str(CONFIGS / "llm" / "quickstart.yaml"), *tiny_run_args(tmp_path), *SMALL_DATA])
+    assert "trainable parameters" not in capfd.readouterr().out  # off, as in Lightning, with enable_model_summary=false
