@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ancre_lightning.errors import UserInputError
 
-from ._surface import figure_to_rgb, log_scalars, new_figure, save_png, tensorboard_writers
+from ._surface import figure_to_rgb, layer_unit, log_scalars, new_figure, save_png, sublayer_parts, tensorboard_writers
 
 ToleranceMode = Literal["relative", "absolute"]
 
@@ -70,7 +70,8 @@ def confidence_exit(entropies: Tensor, threshold: float, min_exit: int = 1) -> T
 class EarlyExitEvaluation(Callback):
     """On validation, evaluate every early exit of the network and a confidence-based early exit.
 
-    For every exit k = 0..K (the network stopped after k blocks; exit K is the full network) the
+    For every exit k = 0..K (the network stopped after k layers: blocks, or sub-layers at
+    ``granularity: sublayer``, as the figures and tables say; exit K is the full network) the
     module's shared final norm and head are applied to the exit state
     (``pl_module.exit_predictions``) and the domain's metrics computed (``pl_module.exit_metrics``:
     loss and perplexity for an LLM, accuracy for a classifier, denoising loss for diffusion) on
@@ -94,9 +95,10 @@ class EarlyExitEvaluation(Callback):
     next-token prediction), also a confidence-based early exit: for every entropy threshold each
     example (each token for an LLM) leaves at the first exit ``k >= min_exit`` whose predictive
     entropy is below the threshold, else at the last. For each threshold: the metrics of the chosen
-    exits' outputs, the mean exit depth (blocks used) and the speed-up ``K / mean depth`` in block
-    FLOPs (the embedding, the head and the extra head evaluations at the exits tried are not
-    counted). For an LLM the estimate is idealised, as in per-token early-exit studies: the
+    exits' outputs, the mean exit depth (layers used) and the speed-up ``K / mean depth`` in layers
+    run, which is block FLOPs for whole blocks (the embedding, the head and the extra head
+    evaluations at the exits tried are not counted; an attention and an MLP sub-layer differ in
+    cost). For an LLM the estimate is idealised, as in per-token early-exit studies: the
     forward still computes every block, so later tokens attend to full-depth states of tokens
     that exited. Written as ``early_exit/confidence_sweep`` (figure: metric against mean depth,
     labelled with the speed-up) and as a markdown table (TensorBoard text).
@@ -145,7 +147,8 @@ class EarlyExitEvaluation(Callback):
         self.min_exit = int(min_exit)
         self.save_files = bool(save_files)
         self.log_dir: Path | None = None
-        #: the last evaluation: exits, metric names, per-exit metrics, cutoff layer, sweep rows.
+        #: the last evaluation: exits, what a layer is (``unit``), metric names, per-exit metrics,
+        #: cutoff layer, sweep rows.
         self.results: dict[str, Any] | None = None
         self._reset()
 
@@ -266,6 +269,7 @@ class EarlyExitEvaluation(Callback):
         per_exit = {name: exit_means[:, m].tolist() for m, name in enumerate(names)}
         results: dict[str, Any] = {
             "num_blocks": num_blocks,
+            "unit": layer_unit(sublayer_parts(pl_module)),
             "metrics": names,
             "primary": primary,
             "higher_is_better": bool(higher_is_better),
@@ -324,7 +328,8 @@ class EarlyExitEvaluation(Callback):
 def per_exit_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per exit, one column per metric, the cutoff layer marked."""
     names = results["metrics"]
-    lines = ["| exit (blocks) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    unit = results.get("unit", "block")
+    lines = [f"| exit ({unit}s) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in range(results["num_blocks"] + 1):
         mark = " (cutoff)" if k == results["cutoff_layer"] else (" (full)" if k == results["num_blocks"] else "")
         cells = " | ".join(f"{results['per_exit'][n][k]:.4g}" for n in names)
@@ -346,8 +351,10 @@ def sweep_table(results: dict[str, Any]) -> str:
 
 
 def depth_figure(results: dict[str, Any]):
-    """Every metric against the exit depth, the full network dashed and the cutoff layer marked."""
+    """Every metric against the exit depth (blocks or sub-layers run, ``results["unit"]``), the
+    full network dashed and the cutoff layer marked."""
     names = results["metrics"]
+    unit = results.get("unit", "block")
     depth = list(range(results["num_blocks"] + 1))
     fig = new_figure(3.6 * len(names), 3.2)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -357,7 +364,7 @@ def depth_figure(results: dict[str, Any]):
         ax.axhline(values[-1], color="gray", linestyle="--", linewidth=1, label="full network")
         if name == results["primary"]:
             ax.axvline(results["cutoff_layer"], color="tab:red", linestyle=":", label=f"cutoff = {results['cutoff_layer']}")
-        ax.set_xlabel("exit: blocks used")
+        ax.set_xlabel(f"exit: {unit}s used")
         ax.set_ylabel(name)
         ax.set_xticks(depth)
         ax.legend(fontsize=7)
@@ -369,6 +376,7 @@ def sweep_figure(results: dict[str, Any]):
     """The primary metric against the mean exit depth of the confidence sweep, points labelled with the speed-up."""
     primary = results["primary"]
     rows = results["sweep"]
+    unit = results.get("unit", "block")
     fig = new_figure(5.0, 3.6)
     ax = fig.add_subplot()
     depths = [r["mean_depth"] for r in rows]
@@ -382,8 +390,9 @@ def sweep_figure(results: dict[str, Any]):
                         textcoords="offset points")
     per_exit = results["per_exit"][primary]
     ax.plot(range(len(per_exit)), per_exit, linestyle="--", color="gray", marker=".", label="fixed exit k")
-    ax.set_xlabel("mean exit depth (blocks)")
+    ax.set_xlabel(f"mean exit depth ({unit}s)")
     ax.set_ylabel(primary)
     ax.legend(fontsize=7)
-    ax.set_title("confidence-based early exit\n(point labels: block-FLOPs speed-up)", fontsize=9)
+    speedup = "block-FLOPs speed-up" if unit == "block" else f"speed-up in {unit}s run"  # attn and MLP cost differ
+    ax.set_title(f"confidence-based early exit\n(point labels: {speedup})", fontsize=9)
     return fig

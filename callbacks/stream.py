@@ -15,7 +15,10 @@ from torch import Tensor
 from ancre_lightning.atomic import atomic_write_bytes
 from ancre_lightning.errors import UserInputError
 
-from ._surface import figure_to_rgb, log_scalars, new_figure, save_png, tensorboard_writers
+from ._surface import figure_to_rgb, layer_unit, log_scalars, new_figure, save_png, sublayer_parts, tensorboard_writers
+
+#: The growth figure draws at most this many validations (the first, the last and evenly spaced ones between).
+MAX_GROWTH_LINES = 8
 
 
 def stream_mean_squares(states: list[Tensor]) -> Tensor:
@@ -34,7 +37,8 @@ class StreamGrowth(Callback):
     - ``stream/rms_exit<k>``: the RMS after k layers (k = 0 is the embedding), to every logger,
     - ``stream/growth``: the RMS of the output over the embedding's, ``rms_exit<K> / rms_exit0``,
     - ``stream/rms_vs_depth``: a figure of ``rms_exit<k> / rms_exit0`` against k, one line per
-      validation so far (the growth over training in one picture), TensorBoard image and, with
+      validation so far (the growth over training in one picture; at most :data:`MAX_GROWTH_LINES`
+      of them, evenly spaced, each named in the legend), TensorBoard image and, with
       ``save_files`` and a logger, ``<log_dir>/stream/rms_vs_depth.png`` and ``<log_dir>/stream/rms.json``.
 
     With pre-norm blocks every branch sees its input normalised, so a stream that grows much faster
@@ -95,15 +99,16 @@ class StreamGrowth(Callback):
         step = trainer.global_step
         self.history = [h for h in self.history if h["step"] != step] + [{"step": step, "rms": rms}]
         if trainer.is_global_zero:
-            self.write(trainer, step)
+            self.write(trainer, step, layer_unit(sublayer_parts(pl_module)))
 
-    def write(self, trainer: L.Trainer, step: int) -> None:
-        """Scalars to every logger; the figure to TensorBoard and (``save_files``) the figure and history to files."""
+    def write(self, trainer: L.Trainer, step: int, unit: str = "block") -> None:
+        """Scalars to every logger; the figure to TensorBoard and (``save_files``) the figure and history
+        to files. ``unit`` is what one layer of the stack is (``block`` or ``sub-layer``)."""
         rms = self.history[-1]["rms"]
         scalars = {f"stream/rms_exit{k}": v for k, v in enumerate(rms)}
         scalars["stream/growth"] = rms[-1] / rms[0] if rms[0] > 0 else math.inf
         log_scalars(trainer, scalars, step)
-        image = figure_to_rgb(growth_figure(self.history))  # (H, W, 3)
+        image = figure_to_rgb(growth_figure(self.history, unit))  # (H, W, 3)
         for writer in tensorboard_writers(trainer):
             writer.add_image("stream/rms_vs_depth", image, step, dataformats="HWC")
         if self.save_files and self.log_dir is not None:
@@ -118,23 +123,37 @@ class StreamGrowth(Callback):
         self.history = list(state_dict.get("history", []))
 
 
-def growth_figure(history: list[dict[str, Any]]):
-    """``rms_exit<k> / rms_exit0`` against k (log scale), one line per validation, later ones darker."""
+def shown_validations(count: int, most: int = MAX_GROWTH_LINES) -> list[int]:
+    """Indices of the validations the growth figure draws: all of ``count`` up to ``most``, else
+    ``most`` evenly spaced ones, the first and the last among them."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def growth_figure(history: list[dict[str, Any]], unit: str = "block"):
+    """``rms_exit<k> / rms_exit0`` against k (log scale), one line per validation (at most
+    :data:`MAX_GROWTH_LINES`, later ones darker), every line named in the legend; ``unit`` is what
+    one layer is (``block`` or ``sub-layer``)."""
     from matplotlib import colormaps
 
     fig = new_figure(4.6, 3.3)
     ax = fig.add_subplot()
     cmap = colormaps["viridis_r"]
-    for n, entry in enumerate(history):
+    shown = shown_validations(len(history))
+    for n, index in enumerate(shown):
+        entry = history[index]
         rms = entry["rms"]
         ratio = [r / rms[0] if rms[0] > 0 else math.nan for r in rms]
-        shade = 0.15 + 0.85 * n / max(len(history) - 1, 1)
+        shade = 0.15 + 0.85 * n / max(len(shown) - 1, 1)
         ax.plot(range(len(ratio)), ratio, color=cmap(shade), marker="." if len(ratio) <= 33 else None,
-                label=f"step {entry['step']}" if n in (0, len(history) - 1) else None)  # fmt: skip
-    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+                label=f"step {entry['step']}")  # fmt: skip
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label="embedding RMS (1x)")
     ax.set_yscale("log")
-    ax.set_xlabel("layers run (exit k)")
+    ax.set_xlabel(f"{unit}s run (exit k)")
     ax.set_ylabel("stream RMS / embedding RMS")
-    ax.set_title(f"stream growth (last: {history[-1]['rms'][-1] / history[-1]['rms'][0]:.3g}x at the output)", fontsize=9)
+    drawn = "" if len(shown) == len(history) else f"\n{len(shown)} of {len(history)} validations drawn"
+    last = history[-1]["rms"]
+    ax.set_title(f"stream growth (last: {last[-1] / last[0]:.3g}x at the output){drawn}", fontsize=9)
     ax.legend(fontsize=7)
     return fig

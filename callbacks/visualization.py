@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,19 +10,66 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
+from ancre_lightning.connectivity import Connectivity
+from ancre_lightning.connectivity.streams import StreamWiring
 from ancre_lightning.errors import UserInputError
 
 from ._surface import (
     connectivities_of,
     figure_to_rgb,
+    layer_labels,
+    layer_unit,
     log_scalars,
+    readable_mask,
     row_entropy,
     save_png,
     stack_tag,
+    sublayer_parts,
     tensorboard_writers,
     wiring_figure,
 )
+
+
+def gate_figure(
+    conn: Connectivity,
+    matrix: Tensor,
+    title: str,
+    *,
+    spread: bool = False,
+    parts: Sequence[str] | None = None,
+    annotate: bool = True,
+    cmap: str = "viridis",
+):
+    """The heatmap of one connectivity that :class:`GateVisualization` draws.
+
+    Args:
+        conn: the connectivity (its layers, the entries it can read, its family).
+        matrix: (K, K+1) its ``coefficients()``, or with ``spread`` its ``coefficient_spread()``.
+        title: title of the axes.
+        spread: ``matrix`` is the standard deviation of per-token weights over the tokens.
+        parts: the names of a block's sub-layers at ``granularity: sublayer`` (rows and columns
+            are then named ``attn 1``, ``mlp 1``, ...), None for whole blocks.
+        annotate: write the values in the cells.
+        cmap: colour map of non-negative values.
+
+    The cells the wiring cannot read are hatched; the colour bar says what the values are. The
+    matrix of a multi-stream wiring (hyper, mhc) is unrolled from its stream maps, so the figure
+    says that its rows are not convex weights.
+    """
+    if spread:
+        value_label = "std over tokens"
+    else:
+        value_label = "mean weight over tokens" if conn.per_token else "weight"
+    note = None
+    if isinstance(conn, StreamWiring) and not spread:
+        streams = f"{conn.num_streams} residual stream" + ("s" if conn.num_streams != 1 else "")
+        note = f"unrolled from {streams}: rows are not convex weights; entries can exceed 1"
+    return wiring_figure(
+        matrix, title, annotate, cmap, labels=layer_labels(conn.num_layers, parts), unit=layer_unit(parts),
+        readable=readable_mask(conn), value_label=value_label, note=note,
+    )  # fmt: skip
 
 
 class GateVisualization(Callback):
@@ -42,6 +90,12 @@ class GateVisualization(Callback):
       ``gates/token_spread/row_<j>`` (its mean over row j's entries),
     - ``<log_dir>/gates/[<stack>_]wiring_step<step>.png``: the same heatmap as a PNG file, for
       people who do not use TensorBoard.
+
+    Rows and columns are named by the layer a state comes after: ``emb``, ``1``..``K`` for whole
+    blocks, ``emb``, ``attn 1``, ``mlp 1``, ... at ``granularity: sublayer`` (read from the
+    module's ``hparams``). Entries the wiring cannot read are hatched grey, apart from a weight
+    of 0 it does read; each colour bar says what its values are, and the unrolled matrix of a
+    multi-stream wiring (hyper, mhc) carries a note that its rows are not convex weights.
 
     It also draws at the start of training (the initial wiring) and at its end (the final
     wiring). Only rank zero draws and writes under DDP. Without a TensorBoard logger the PNG
@@ -99,11 +153,12 @@ class GateVisualization(Callback):
         several = len(conns) > 1
         scalars: dict[str, float] = {}
         png = self.save_png and self.log_dir is not None
+        parts = sublayer_parts(pl_module)
         for name, conn in conns.items():
             c = conn.coefficients().detach().float().cpu()  # (K, K+1)
             if writers or png:
                 what = "wiring (token mean)" if conn.per_token else "wiring"
-                self._publish(writers, png, c, "wiring", what, self.cmap, name, conn.name, several, step)
+                self._publish(writers, png, conn, c, "wiring", what, parts, name, several, step)
             for j, h in enumerate(row_entropy(c).tolist()):
                 scalars[stack_tag("gates", name, f"entropy/row_{j}", several)] = h
             spread = conn.coefficient_spread()
@@ -112,7 +167,7 @@ class GateVisualization(Callback):
                 for j in range(spread.shape[0]):
                     scalars[stack_tag("gates", name, f"token_spread/row_{j}", several)] = float(spread[j, : j + 2].mean())
                 if writers or png:
-                    self._publish(writers, png, spread, "token_spread", "token spread", "magma", name, conn.name, several, step)
+                    self._publish(writers, png, conn, spread, "token_spread", "token spread", parts, name, several, step)
             gates = conn.gate_parameters()
             if gates and writers:
                 values = torch.cat([p.detach().float().flatten().cpu() for p in gates])
@@ -120,12 +175,15 @@ class GateVisualization(Callback):
                     writer.add_histogram(stack_tag("gates", name, "logits", several), values, step)
         log_scalars(trainer, scalars, step)
 
-    def _publish(self, writers: list, png: bool, matrix, tag: str, what: str, cmap: str, stack: str, wiring: str,
-                 several: bool, step: int) -> None:  # fmt: skip
-        """Draw one (K, K+1) matrix as a heatmap: a TensorBoard image ``gates/[<stack>/]<tag>`` and,
-        with ``png``, ``<log_dir>/gates/[<stack>_]<tag>_step<step>.png``."""
-        title = f"{stack}: {wiring} {what}, step {step}" if several else f"{wiring} {what}, step {step}"
-        image = figure_to_rgb(wiring_figure(matrix, title, annotate=self.annotate, cmap=cmap))  # (H, W, 3)
+    def _publish(self, writers: list, png: bool, conn: Connectivity, matrix: Tensor, tag: str, what: str,
+                 parts: Sequence[str] | None, stack: str, several: bool, step: int) -> None:  # fmt: skip
+        """Draw one (K, K+1) matrix of ``conn`` as a heatmap (:func:`gate_figure`): a TensorBoard image
+        ``gates/[<stack>/]<tag>`` and, with ``png``, ``<log_dir>/gates/[<stack>_]<tag>_step<step>.png``."""
+        title = f"{stack}: {conn.name} {what}, step {step}" if several else f"{conn.name} {what}, step {step}"
+        spread = tag == "token_spread"
+        figure = gate_figure(conn, matrix, title, spread=spread, parts=parts, annotate=self.annotate,
+                             cmap="magma" if spread else self.cmap)  # fmt: skip
+        image = figure_to_rgb(figure)  # (H, W, 3)
         for writer in writers:
             writer.add_image(stack_tag("gates", stack, tag, several), image, step, dataformats="HWC")
         if png:

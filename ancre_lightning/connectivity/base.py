@@ -232,7 +232,11 @@ class PerTokenWiring(Connectivity):
         self.register_buffer("token_std", torch.zeros(k, k + 1), persistent=False)
 
     def token_moments(self, weights: Tensor, columns: list[int] | None = None) -> tuple[Tensor, Tensor]:
-        """Mean and mean of squares over tokens of per-token weights (..., n), as (K+1,) rows.
+        """Mean and variance over tokens of per-token weights (..., n), as (K+1,) rows.
+
+        The variance is the mean squared deviation from the mean (two passes): the one-pass
+        ``E[w^2] - E[w]^2`` cancels in float32 and reports a spread of ~1e-4 for weights that are
+        the same for every token.
 
         Args:
             weights: (..., n) per-token weights of one merge.
@@ -241,19 +245,20 @@ class PerTokenWiring(Connectivity):
                 n weights are columns 0..n-1.
         """
         w = weights.detach().float().reshape(-1, weights.shape[-1])  # (N, n)
-        mean, square = w.mean(0), w.square().mean(0)  # (n,) each
+        mean = w.mean(0)  # (n,)
+        variance = (w - mean).square().mean(0)  # (n,)
         if columns is not None:
-            mean, square = mean[columns], square[columns]  # (c+1,)
+            mean, variance = mean[columns], variance[columns]  # (c+1,)
         pad = self.num_layers + 1 - mean.shape[0]
-        return torch.nn.functional.pad(mean, (0, pad)), torch.nn.functional.pad(square, (0, pad))
+        return torch.nn.functional.pad(mean, (0, pad)), torch.nn.functional.pad(variance, (0, pad))
 
     def record(self, moments: list[tuple[Tensor, Tensor]]) -> None:
         """Store the K rows of token moments of this forward as ``coefficients()`` and spread."""
         with torch.no_grad():
             mean = torch.stack([m for m, _ in moments])  # (K, K+1)
-            square = torch.stack([s for _, s in moments])  # (K, K+1)
+            variance = torch.stack([v for _, v in moments])  # (K, K+1)
             self.token_mean.copy_(mean)
-            self.token_std.copy_((square - mean.square()).clamp_min(0).sqrt())
+            self.token_std.copy_(variance.sqrt())
 
     def coefficients(self) -> Tensor:
         return self.token_mean
