@@ -254,6 +254,49 @@ TOOLS = {
 }
 
 
+def short_help() -> str:
+    """``ancre --help``: the subcommands, the shipped configs and where the full help is."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    lines = [
+        "usage: ancre SUBCOMMAND [options]",
+        "",
+        "Train and compare residual wirings of deep networks (LLMs, image classifiers, diffusion).",
+        "",
+        "Subcommands:",
+        "  fit        train:                    ancre fit --config configs/llm/quickstart.yaml",
+        "  validate   evaluate a checkpoint:    ancre validate --config CONFIG --ckpt_path FILE",
+        "  test       test a checkpoint:        ancre test --config CONFIG --ckpt_path FILE",
+        "  predict    predict with a checkpoint",
+        "  prepare    tokenise text to shards:  ancre prepare wikipedia --tokenizer bpe:4096 --out data/wiki",
+        "  generate   text from an LLM:         ancre generate --ckpt_path FILE --prompt TEXT",
+        "",
+        f"Wirings ({', '.join(CONNECTIVITIES)}):",
+        "  ancre fit --config CONFIG --model.init_args.connectivity NAME   switch a config's wiring",
+        "  ancre fit --connectivity.help NAME                              a wiring's options",
+    ]
+    if configs.is_dir():
+        lines += ["", "Configs (combine a domain config with a trainer config):"]
+        for folder in sorted(p for p in configs.iterdir() if p.is_dir()):
+            groups: dict[str, list[str]] = {}
+            for stem in sorted(f.stem for f in folder.glob("*.yaml")):
+                groups.setdefault(stem.rsplit("_", 1)[0] if "_" in stem else stem, []).append(stem)
+            names = [name for prefix, stems in groups.items()
+                     for name in ([f"{prefix}_*"] if len(stems) > 1 and prefix not in stems else stems)]  # fmt: skip
+            lines.append(f"  configs/{folder.name + '/':<12} " + ", ".join(names))
+        lines.append("  (the last part of a name is the wiring; e.g. configs/llm/llama130m_ancre.yaml)")
+    lines += [
+        "",
+        "More help:",
+        "  ancre fit --help                 every option (model, data, trainer), LightningCLI's full help",
+        "  ancre fit --model.help CLASS     one model's options, e.g. LLMModule, ClassifierModule, DiffusionModule",
+        "  ancre fit --data.help CLASS      one data module's options, e.g. TokenShardsDataModule",
+        "  ancre prepare --help, ancre generate --help",
+    ]
+    return "\n".join(lines)
+
+
 def run_tool(argv: list[str]) -> bool:
     """Run ``ancre prepare ...`` / ``ancre generate ...`` if ``argv`` names one; False otherwise."""
     if not argv or argv[0] not in TOOLS:
@@ -268,8 +311,12 @@ def main(args: list[str] | None = None) -> None:
     Bad input (a wrong option value, a missing data path, a failed data fetch) ends with one line
     that says what is wrong and how to fix it, and exit status 2. ``ANCRE_DEBUG=1`` re-raises.
     """
+    argv = list(sys.argv[1:]) if args is None else list(args)
+    if argv in ([], ["-h"], ["--help"]):
+        print(short_help())
+        raise SystemExit(0 if argv else 2)
     try:
-        if not run_tool(list(sys.argv[1:]) if args is None else list(args)):
+        if not run_tool(argv):
             build_cli(args)
     except Exception as exc:
         err = find_user_error(exc)

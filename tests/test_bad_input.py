@@ -395,3 +395,19 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 def test_a_callback_lightning_refuses_mid_start_is_one_line(tmp_path, capsys):
     line = ancre_error(["fit", "--config", QUICKSTART, *tiny_run_args(tmp_path), *TINY, "--trainer.logger=false"], capsys)
     assert "LearningRateMonitor" in line and "no logger" in line
+
+
+def test_short_help_lists_the_subcommands_configs_and_wiring_help(capsys):
+    from ancre_lightning.connectivity import CONNECTIVITIES
+
+    for args, code in ([["--help"], 0], [["-h"], 0], [[], 2]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == code
+        text = capsys.readouterr().out
+        assert len(text.splitlines()) < 40
+        for word in ("fit", "validate", "prepare", "generate", "--connectivity.help", "ancre fit --help", *CONNECTIVITIES):
+            assert word in text, word
+        for folder in ("configs/llm/", "configs/trainer/", "configs/classifier/", "configs/diffusion/"):
+            assert folder in text
+        assert "quickstart, " in text and "quickstart_bpe" in text and "llama60m_*" in text
