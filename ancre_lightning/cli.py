@@ -34,7 +34,7 @@ from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, ParameterSummary, StreamGrowth
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_help, connectivity_options
 from ancre_lightning.errors import UserInputError, check_yaml_syntax, known_option_names, parse_error_message
-from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, machine_summary
+from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, limit_threads_to_free_cores, machine_summary
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
 from ancre_lightning.modules.base import check_checkpoint_for_config
 
@@ -316,6 +316,8 @@ def main(args: list[str] | None = None) -> None:
         print(short_help())
         raise SystemExit(0 if argv else 2)
     try:
+        if args is None:  # the console script, not a caller's own process
+            limit_threads_to_free_cores()  # OpenMP threads on cores busy with other work crawl
         if not run_tool(argv):
             build_cli(args)
     except Exception as exc:

@@ -7,7 +7,10 @@ which config to use instead.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,3 +94,74 @@ def configs_setting_accelerator(paths: Sequence[str]) -> list[str]:
         if isinstance(trainer, dict) and "accelerator" in trainer:
             found.append(path)
     return found
+
+
+#: Environment variables through which a user has already chosen the intra-op thread count.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ANCRE_NUM_THREADS")
+
+
+def cpu_threads_for_load(cores: int, load: float, requested: int) -> int:
+    """Intra-op threads that leave the cores other processes are busy on (``load``: how many run
+    besides this one): at most the cores not busy, at least 1.
+
+    OpenMP threads spin-wait for each other at every parallel region; with one of them sharing a
+    core with a busy process, every region waits for the scheduler, and a step runs 10x slower
+    than on one thread (measured on 2 cores, see BENCHMARKS.md "threads on a shared machine").
+    """
+    free = cores - math.ceil(max(load, 0.0) - 0.25)  # 0.2 (a 1-minute average) is noise, 0.9 a busy core
+    return max(1, min(requested, free))
+
+
+def busy_elsewhere(samples: int = 9, interval_s: float = 0.02) -> float:
+    """How many processes other than this one are running now: the median over ``samples``
+    readings of the kernel's count of runnable tasks (``/proc/loadavg``), less this process.
+
+    An instant count rather than the 1-minute load average, which still counts a run that ended
+    a minute ago. Falls back to the 1-minute average where ``/proc`` does not exist.
+    """
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)  # "R/T": R includes this reader
+        except (OSError, ValueError, IndexError):
+            return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return float(sorted(counts)[len(counts) // 2])
+
+
+def limit_threads_to_free_cores(verbose: bool = True) -> int | None:
+    """On a CPU whose cores other processes keep busy, lower torch's intra-op threads to the free
+    cores (once, at the start of ``ancre``), and say so in one line.
+
+    Does nothing when the user set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` or
+    ``ANCRE_NUM_THREADS`` (the latter is applied as given), or when the machine is idle.
+
+    Returns:
+        the thread count set, or None when it was left alone.
+    """
+    given = os.environ.get("ANCRE_NUM_THREADS")
+    if given:
+        try:
+            threads = max(1, int(given))
+        except ValueError:
+            raise UserInputError(f"ANCRE_NUM_THREADS must be a positive integer, got {given!r}") from None
+        torch.set_num_threads(threads)
+        return threads
+    if any(os.environ.get(v) for v in THREAD_VARIABLES):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    requested = torch.get_num_threads()
+    load = busy_elsewhere()
+    threads = cpu_threads_for_load(cores, load, requested)
+    if threads >= requested:
+        return None
+    torch.set_num_threads(threads)
+    if verbose:
+        print(
+            f"ancre: other processes keep about {load:.0f} of {cores} cores busy: "
+            f"torch uses {threads} thread{'s' if threads > 1 else ''} (set ANCRE_NUM_THREADS to choose)",
+            file=sys.stderr,
+        )
+    return threads
