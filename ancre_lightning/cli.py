@@ -33,7 +33,7 @@ from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModul
 from ancre_lightning.datamodules.fetch import DataFetchError
 from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, ParameterSummary, StreamGrowth
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_help, connectivity_options
-from ancre_lightning.errors import UserInputError, check_yaml_syntax, known_option_names, parse_error_message
+from ancre_lightning.errors import UserInputError, first_line, known_option_names, parse_error_message, read_yaml_config
 from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, limit_threads_to_free_cores, machine_summary
 from ancre_lightning.modules import ConnectivityModule, LLMModule  # noqa: F401
 from ancre_lightning.modules.base import check_checkpoint_for_config
@@ -68,9 +68,10 @@ class AncreCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         args = self._with_checkpoint_config(args)
-        self._argv = list(sys.argv[1:]) if args is None else args
-        for path in config_paths(self._argv):  # a syntax error names its file and line
-            check_yaml_syntax(path)
+        argv = list(sys.argv[1:]) if args is None else args
+        self._argv = argv
+        # read once here: a syntax error names its file and line, and the contents say which file set what
+        self._configs = {path: read_yaml_config(path) for path in config_paths(argv)}
         for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
             p.exit_on_error = False  # raise instead of printing the whole usage block
         try:
@@ -122,16 +123,17 @@ class AncreCLI(LightningCLI):
             check_checkpoint_for_config(ckpt_path, model.class_path, init.as_dict() if init is not None else {})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        callbacks = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks"))
+        configured = self._get(self.config_init, "trainer", default={})
+        callbacks = kwargs.get("callbacks", configured.get("callbacks"))
         callbacks = list(callbacks or []) if isinstance(callbacks, (list, tuple, type(None))) else [callbacks]
         if not any(isinstance(c, FiniteGuard) for c in callbacks):
             callbacks = [*callbacks, FiniteGuard()]
         if measures_stream(self.model) and not any(isinstance(c, StreamGrowth) for c in callbacks):
             callbacks = [*callbacks, StreamGrowth()]  # the stream's RMS after every layer, in every run
-        progress = kwargs.get("enable_progress_bar", self._get(self.config_init, "trainer", default={}).get("enable_progress_bar"))
+        progress = kwargs.get("enable_progress_bar", configured.get("enable_progress_bar"))
         if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars
-        summary = kwargs.get("enable_model_summary", self._get(self.config_init, "trainer", default={}).get("enable_model_summary"))
+        summary = kwargs.get("enable_model_summary", configured.get("enable_model_summary"))
         if summary is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks = [*callbacks, ParameterSummary()]  # Lightning's table, less its FLOPs column of zeros
         kwargs["callbacks"] = callbacks
@@ -140,8 +142,9 @@ class AncreCLI(LightningCLI):
         except UserInputError:
             raise
         except (MisconfigurationException, ValueError) as exc:  # e.g. a strategy this machine's devices cannot run
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserInputError(f"the trainer cannot be built as configured: {first} (this machine has {machine_summary()})") from None
+            raise UserInputError(
+                f"the trainer cannot be built as configured: {first_line(exc, 1000)} (this machine has {machine_summary()})"
+            ) from None
         use_atomic_checkpoints(trainer)  # checkpoints are written to a temporary file, fsynced, then renamed
         return trainer
 
@@ -164,10 +167,9 @@ class AncreCLI(LightningCLI):
 
     def _accelerator_sources(self) -> list[str]:
         """Where ``trainer.accelerator`` was set: the command-line option, or the last config file."""
-        argv = [str(a) for a in getattr(self, "_argv", None) or []]
-        if any(a.split("=", 1)[0] in ("--trainer.accelerator",) for a in argv):
+        if any(str(a).split("=", 1)[0] == "--trainer.accelerator" for a in getattr(self, "_argv", None) or []):
             return ["--trainer.accelerator"]
-        return configs_setting_accelerator(config_paths(argv))[-1:]
+        return configs_setting_accelerator(getattr(self, "_configs", {}))[-1:]
 
 
 class ConnectivityHelp(argparse.Action):

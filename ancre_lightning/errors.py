@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class UserInputError(ValueError):
@@ -94,14 +95,19 @@ def parse_error_message(message: str, options: Mapping[str, Iterable[str]]) -> s
     return f"bad value for {name!r}: {body}" if name else body
 
 
-def check_yaml_syntax(path: str) -> None:
-    """Raise a one-line :class:`UserInputError` naming the file, line and column when ``path`` is
-    not valid YAML (the config parser itself names only ``"<unicode string>"``)."""
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), at most ``limit`` characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def read_yaml_config(path: str) -> Any:
+    """The content of a YAML config file; a syntax error is one :class:`UserInputError` line naming
+    the file, line and column (the config parser itself names only ``"<unicode string>"``)."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            yaml.safe_load(f)
+            return yaml.safe_load(f)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
@@ -127,7 +133,7 @@ def load_failure(exc: BaseException) -> str:
     if found or "Weights only load failed" in text:
         what = next((g for g in found.groups() if g), found.group(0)) if found else "an object"
         return f"it holds a Python object ({what}) that would run code on loading, so it is not read"
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc)
 
 
 def state_mismatch_examples(

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,10 +22,18 @@ from .errors import UserInputError
 CUDA_NAMES = ("gpu", "cuda")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def machine_summary() -> str:
     """A short description of the devices torch can use here, e.g. ``"no GPU that torch can use
     (CUDA build 12.8, 0 devices), 2 CPU cores"``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     count = torch.cuda.device_count()
     if count:
         return f"{count} CUDA GPU{'s' if count > 1 else ''} ({torch.cuda.get_device_name(0)}), {cores} CPU cores"
@@ -78,18 +86,11 @@ def check_accelerator(accelerator: Any, devices: Any = None, sources: Sequence[s
         )
 
 
-def configs_setting_accelerator(paths: Sequence[str]) -> list[str]:
-    """The config files among ``paths`` whose ``trainer`` section sets ``accelerator`` (unreadable
-    files are skipped: the parser reports them)."""
-    import yaml
-
+def configs_setting_accelerator(configs: Mapping[str, Any]) -> list[str]:
+    """The paths of the parsed config files (path -> content) whose ``trainer`` section sets
+    ``accelerator``, in order."""
     found = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                config = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
-            continue
+    for path, config in configs.items():
         trainer = config.get("trainer") if isinstance(config, dict) else None
         if isinstance(trainer, dict) and "accelerator" in trainer:
             found.append(path)
@@ -151,7 +152,7 @@ def limit_threads_to_free_cores(verbose: bool = True) -> int | None:
         return threads
     if any(os.environ.get(v) for v in THREAD_VARIABLES):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     requested = torch.get_num_threads()
     load = busy_elsewhere()
     threads = cpu_threads_for_load(cores, load, requested)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserInputError
+from ..hardware import usable_cores
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,10 +130,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: the processor, its cores and caches, the software versions,
     and how busy the machine was when the run started (a load average near the core count means
     other processes shared the cores and the timings are noisy)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    usable = usable_cores()
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),

@@ -31,7 +31,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ..errors import UserInputError
+from ..errors import UserInputError, first_line
 
 __all__ = [
     "FEATURE_EXTRACTOR_NAME",
@@ -87,9 +87,8 @@ def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the only loader
             return torch.jit.load(str(p), map_location="cpu")
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserInputError(
-            f"FID network {str(p)!r} is not a TorchScript archive ({first}); leave the path out to use the "
+            f"FID network {str(p)!r} is not a TorchScript archive ({first_line(exc, 160)}); leave the path out to use the "
             f"verified default ({INCEPTION_MEMBER})"
         ) from None
 

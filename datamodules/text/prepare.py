@@ -36,6 +36,7 @@ import numpy as np
 
 from ...atomic import PARTIAL_SUFFIX, atomic_write_bytes
 from ...errors import UserInputError
+from ...hardware import usable_cores
 from .shard_format import FORMAT_VERSION, HEADER_BYTES, INDEX_FILE, META_FILE, read_index, token_dtype, write_index, write_shard
 from .sources import Document, Source, resolve_sources
 from .tokenizers import Tokenizer, load_tokenizer, tokenizer_from_state
@@ -388,10 +389,7 @@ def _check_settings(val_fraction: float, workers: int, max_tokens: int | None, s
 
 def default_workers() -> int:
     """The CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def prepare(
