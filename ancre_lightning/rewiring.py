@@ -1,8 +1,8 @@
-"""Wire a model you already have: ``rewire(model, connectivity)`` on timm, diffusers or any stack of blocks.
+"""Wire a model you already have: ``rewire(model, connectivity)`` on timm, diffusers, transformers or any stack of blocks.
 
 The model keeps its own ``forward``. Each container of residual blocks it holds (timm's ``blocks``,
-a ResNet's ``layer1..layer4``, diffusers' ``transformer_blocks``, a ``layers`` list, or the dotted
-paths given) is replaced by a :class:`RewiredBlocks`: a :class:`ConnectedStack` that holds the very
+a ResNet's ``layer1..layer4``, diffusers' ``transformer_blocks``, a ``layers`` list, transformers'
+``model.layers`` or ``transformer.h``, or the dotted paths given) is replaced by a :class:`RewiredBlocks`: a :class:`ConnectedStack` that holds the very
 same block modules under the very same names (``blocks.0.attn.qkv.weight`` stays the key it was),
 plus the wiring under ``<container>.connectivity.`` (the only new keys of the state_dict).
 
@@ -11,7 +11,9 @@ How the model's forward reaches the wiring (no hooks):
 - a model that calls the container once (timm: ``x = self.blocks(x)``, ``x = self.layer4(x)``)
   runs :meth:`ConnectedStack.forward`: the wiring's state is a local of that call;
 - a model that loops over the container calling each block (diffusers:
-  ``for block in self.transformer_blocks: h = block(h, timestep=..., ...)``) iterates
+  ``for block in self.transformer_blocks: h = block(h, timestep=..., ...)``; transformers:
+  ``for layer in self.layers[: config.num_hidden_layers]``, a slice that covers every block and so
+  is the container itself) iterates
   :meth:`RewiredBlocks.__iter__`, a generator whose local ``_Run`` holds the wiring's state for that
   one loop: step j feeds the block the hidden state the model hands it, takes the block's output
   into the wiring and hands back what layer j+1 must see (after the last block, the stack's
@@ -24,7 +26,8 @@ Wirings that keep the blocks' inner residuals (residual, ancre, denseformer, mud
 that maps a state to a state of the same shape. The others (acn, fixed, attnres, hyper, mhc) need
 the branch of a block without its residual add; rewire knows how to split timm's ViT ``Block`` and
 diffusers' ``BasicTransformerBlock`` (DiT's block: ``ada_norm_zero`` or ``layer_norm``, without
-cross-attention), the same blocks that ``granularity="sublayer"`` (attention and MLP as separate
+cross-attention) and transformers' Llama, Qwen2, Qwen3 and Mistral decoder layers and GPT-2 blocks
+(:mod:`~ancre_lightning.rewiring_transformers`), the same blocks that ``granularity="sublayer"`` (attention and MLP as separate
 layers) needs; :func:`register_split` teaches it another block class.
 """
 
@@ -45,13 +48,19 @@ from .connectivity.aggregation import AGGREGATION_IMPLS, AggregationImpl
 from .connectivity.registry import keeps_inner_residual, needs_width
 from .errors import UserInputError, load_failure, state_mismatch_examples
 from .models.sublayer import check_granularity
+from .rewiring_transformers import SPLITS_BY_NAME, is_transformers_model, require_transformers, transformers_width
 
 log = logging.getLogger(__name__)
 
-#: Attribute names searched, in order, for the container of blocks when ``blocks`` is not given.
-BLOCK_CONTAINERS: tuple[str, ...] = ("blocks", "transformer_blocks", "layers")
-#: Model attributes read for the width D of the states when the blocks have no LayerNorm-like norm.
-WIDTH_ATTRIBUTES: tuple[str, ...] = ("embed_dim", "inner_dim", "hidden_size", "d_model", "num_features")
+#: Paths searched, in order, for the container of blocks when ``blocks`` is not given: timm,
+#: diffusers and plain stacks, then the decoder stacks of transformers' causal LMs (Llama, Qwen,
+#: Mistral and most others: ``model.layers``; GPT-2: ``transformer.h``; GPT-NeoX; OPT).
+BLOCK_CONTAINERS: tuple[str, ...] = (
+    "blocks", "transformer_blocks", "layers", "model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+)
+#: Model attributes (or, for transformers models, attributes of ``model.config``) read for the
+#: width D of the states when the blocks have no LayerNorm-like norm.
+WIDTH_ATTRIBUTES: tuple[str, ...] = ("embed_dim", "inner_dim", "hidden_size", "d_model", "num_features", "n_embd")
 
 
 # --------------------------------------------------------------------------- splitting blocks
@@ -160,12 +169,20 @@ def _load_builtin_splits() -> None:
         pass
 
 
+def _split_of(cls: type) -> Split | None:
+    """The split registered for ``cls`` itself, by class or (transformers) by qualified name."""
+    if cls in _SPLITS:
+        return _SPLITS[cls]
+    by_name = SPLITS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return Split(*by_name) if by_name else None
+
+
 def find_split(block: nn.Module) -> tuple[Split | None, str]:
     """The split of ``block``'s class (or of a base class), and why there is none."""
     _load_builtin_splits()
     for cls in type(block).__mro__:
-        if cls in _SPLITS:
-            split = _SPLITS[cls]
+        split = _split_of(cls)
+        if split is not None:
             why = split.supports(block)
             return (None, f"{type(block).__name__} with {why}") if why else (split, "")
     return None, type(block).__name__
@@ -261,12 +278,17 @@ class RewiredBlocks(ConnectedStack):
     def __len__(self) -> int:
         return len(self._plain())
 
-    def __getitem__(self, index: int) -> nn.Module:
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        """Block ``index``; a slice that covers every block is the wired container itself
+        (transformers' models loop over ``self.layers[: config.num_hidden_layers]``)."""
         if isinstance(index, slice):
+            if range(len(self))[index] == range(len(self)):
+                return self
             raise UserInputError(
-                "the blocks of a rewired model cannot be sliced: a slice would run them without their wiring "
-                "(timm's forward_intermediates(stop_early=True) and prune_intermediate_layers do this); call the "
-                "model on the whole stack, or rewire after pruning"
+                f"the blocks of a rewired model cannot be sliced ({index.start}:{index.stop}:{index.step} of {len(self)} "
+                "blocks): a part of the stack would run without its wiring (timm's forward_intermediates(stop_early=True) "
+                "and prune_intermediate_layers do this, and a transformers config with num_hidden_layers below the "
+                "blocks it holds); call the model on the whole stack, or rewire after pruning"
             )
         return self._plain()[index]
 
@@ -374,6 +396,14 @@ def _what_it_has(model: nn.Module) -> str:
     )
 
 
+def _get_path(model: nn.Module, path: str) -> Any:
+    """``model.a.b`` for ``path="a.b"``, or None where an attribute is missing."""
+    found: Any = model
+    for name in path.split("."):
+        found = getattr(found, name, None)
+    return found
+
+
 def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[str]:
     """Dotted paths of the containers of residual blocks to wire.
 
@@ -393,7 +423,7 @@ def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None =
                 )
         return paths
     for name in BLOCK_CONTAINERS:
-        found = getattr(model, name, None)
+        found = _get_path(model, name)
         if isinstance(found, RewiredBlocks):
             raise UserInputError(f"rewire: {type(model).__name__}.{name} is already rewired; rewire a fresh model")
         if _sequence(found):
@@ -462,8 +492,9 @@ def rewire(
         model: any nn.Module holding its residual blocks in an nn.ModuleList or nn.Sequential.
         connectivity: a name of :func:`~ancre_lightning.connectivity.build_connectivity`
             (residual, ancre, acn, denseformer, fixed, attnres, hyper, mhc, mudd).
-        blocks: dotted path(s) of the container(s) of blocks; by default ``blocks``,
-            ``transformer_blocks`` or ``layers``, else ``stages.i.blocks``, else ``layer1..layerN``;
+        blocks: dotted path(s) of the container(s) of blocks; by default the first of
+            :data:`BLOCK_CONTAINERS` (``blocks``, ``transformer_blocks``, ``layers``, transformers'
+            ``model.layers``, ``transformer.h``, ...), else ``stages.i.blocks``, else ``layer1..layerN``;
             ``""`` is the model itself, when it is the nn.Sequential of blocks.
             Every container gets its own connectivity; a leading block with a ``downsample``
             (a ResNet stage's first block) stays a plain block before the wired ones.
@@ -472,7 +503,8 @@ def rewire(
         aggregation: ``loop`` or ``fused`` weighted merge of static wirings.
         dim: width D of the states for the wirings with per-token weights (attnres, hyper, mhc,
             mudd); by default the block's first LayerNorm-like norm, else the model's
-            ``embed_dim`` / ``inner_dim`` / ``hidden_size`` / ``d_model`` / ``num_features``.
+            ``embed_dim`` / ``inner_dim`` / ``hidden_size`` / ``d_model`` / ``num_features`` /
+            ``n_embd``, else its transformers config's ``hidden_size`` / ``n_embd``.
         **options: the connectivity's own options (e.g. ``tau=0.01`` for ancre).
 
     Returns:
@@ -488,12 +520,14 @@ def rewire(
     if key not in CONNECTIVITIES:
         build_connectivity(key, 1)  # raises the registry's message, with the valid names
     sublayers = check_granularity(granularity, "rewire") == "sublayer"
-    if getattr(model, "gradient_checkpointing", False) is True or getattr(model, "grad_checkpointing", False) is True:
+    if any(getattr(m, a, False) is True for m in model.modules() for a in ("gradient_checkpointing", "grad_checkpointing")):
         raise UserInputError(
             "rewire: the model has gradient checkpointing on, which would recompute its blocks outside the wiring; "
             "turn it off before rewiring (timm: model.set_grad_checkpointing(False); diffusers: "
-            "model.disable_gradient_checkpointing())"
+            "model.disable_gradient_checkpointing(); transformers: model.activation_checkpointing_disable())"
         )
+    if is_transformers_model(model):
+        require_transformers("rewiring a transformers model")
     plans = []
     for path in find_block_containers(model, blocks):
         plain = list(_resolve(model, path))
@@ -546,7 +580,8 @@ def _wire(model: nn.Module, path: str, wired: list[nn.Module], key: str, sublaye
         for part in parts:
             layers.append(block if part == "block" and inner else _Layer(block, split, part, inner))
     if needs_width(key):
-        width = dim or width or next((int(getattr(model, a)) for a in WIDTH_ATTRIBUTES if isinstance(getattr(model, a, None), int)), None)
+        width = (dim or width or next((int(getattr(model, a)) for a in WIDTH_ATTRIBUTES if isinstance(getattr(model, a, None), int)), None)
+                 or transformers_width(model))  # fmt: skip
         if width is None:
             raise UserInputError(
                 f"rewire: connectivity {key!r} needs the width D of the states and none was found in the blocks of "
