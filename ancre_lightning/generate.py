@@ -204,7 +204,7 @@ def load_llm_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[
     if problem:
         raise UserInputError(f"checkpoint {str(path)!r} is not an LLM checkpoint: {problem}; give a checkpoint written by LLMModule")
     try:
-        module = LLMModule(**{**hparams, "compile": False})
+        module = LLMModule(**{**hparams, "compile": False, "hf_weights": None})  # the weights are the checkpoint's
     except UserInputError:
         raise
     except TypeError as exc:

@@ -580,6 +580,9 @@ def test_every_rank_draws_its_own_random_numbers(ranks):
 # --------------------------------------------------------------------------- the CLI
 
 CLI_CASES = {
+    "llm_hf": ("llm/hf_llama_quickstart_ancre.yaml", [
+        "--data.init_args.batch_size=2", "--data.init_args.max_train_tokens=40000", "--data.init_args.max_val_tokens=8000",
+        "--data.init_args.num_workers=0"]),
     "classifier": ("classifier/vit_fmnist_ancre.yaml", [
         "--data.init_args.batch_size=8", "--data.init_args.max_train_samples=64", "--trainer.limit_val_batches=2",
         "--model.init_args.dim=16", "--model.init_args.depth=2", "--model.init_args.num_heads=2"]),

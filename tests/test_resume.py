@@ -402,3 +402,21 @@ def test_rewired_timm_classifier_resume_equals_straight_run(tmp_path):
     ckpt = assert_same_checkpoints(straight, resumed)
     assert "net.model.blocks.connectivity.gate_logits" in ckpt["state_dict"]
     assert "net.model.blocks.0.attn.qkv.weight" in ckpt["state_dict"]
+
+
+def test_transformers_llama_resume_equals_straight_run(tmp_path):
+    """A transformers Llama from ``hf_config``, rewired with ANCRe, with attention dropout (random
+    numbers in every step): 2 + 2 steps == 4 steps, and the wiring travels in the checkpoint."""
+    pytest.importorskip("transformers")
+    base = ["--config", str(CONFIGS / "llm" / "hf_llama_quickstart_ancre.yaml"),
+            "--model.init_args.hf_config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+            "num_attention_heads: 2, max_position_embeddings: 32, attention_dropout: 0.1}",
+            "--model.init_args.warmup_steps=2", "--data.init_args.seq_len=32", "--data.init_args.batch_size=2",
+            "--data.init_args.max_train_tokens=20000", "--data.init_args.max_val_tokens=2000",
+            "--data.init_args.num_workers=0", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]  # fmt: skip
+    straight, resumed, cli = run_split_and_straight(tmp_path, base, n=2)
+    assert cli.model.net.model.config.attention_dropout == 0.1
+    assert_same_steps(2)
+    ckpt = assert_same_checkpoints(straight, resumed)
+    assert "net.model.model.layers.connectivity.gate_logits" in ckpt["state_dict"]
+    assert "net.model.model.layers.0.self_attn.q_proj.weight" in ckpt["state_dict"]

@@ -138,6 +138,15 @@ class LLMModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        hf_config: train a Hugging Face transformers causal LM instead of the built-in model: the
+            settings of its config with their ``model_type`` (e.g. ``{model_type: llama,
+            hidden_size: 128, num_hidden_layers: 6, ...}``, what a ``config.json`` holds), or the
+            path of a local ``config.json``; its decoder stack is rewired by ``connectivity``.
+            ``dim``, ``n_layers``, ``n_heads``, ``mlp_hidden``, ``max_seq_len``, ``dropout`` and
+            ``tie_embeddings`` are then the config's business and ignored; ``vocab_size`` fills in
+            a config without one. Needs the optional package transformers (>= 5).
+        hf_weights: a local ``.safetensors`` (or weights-only torch) file of that model, loaded
+            before rewiring (e.g. a pretrained checkpoint's ``model.safetensors``).
         loss_chunk_tokens: compute the loss in chunks of this many tokens, each chunk's logits
             recomputed in backward, so that no step holds float32 logits for the whole batch (what
             a 32k-128k vocabulary needs); 0: one plain cross-entropy over the batch; null
@@ -169,6 +178,8 @@ class LLMModule(ConnectivityModule):
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
         loss_chunk_tokens: int | None = None,
+        hf_config: dict[str, Any] | str | None = None,
+        hf_weights: str | None = None,
     ) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise UserInputError(
@@ -177,7 +188,35 @@ class LLMModule(ConnectivityModule):
             )
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         self.save_hyperparameters()
-        self.net = CausalLM(
+        if hf_weights and not hf_config:
+            raise UserInputError("hf_weights are the weights of a transformers model: set hf_config too (its config.json or settings)")
+        if hf_config:
+            from ..models.hf_causal_lm import HFCausalLM
+
+            self.net = HFCausalLM(hf_config, vocab_size, hf_weights, connectivity, connectivity_options, aggregation, granularity)
+            vocab_size = self.net.vocab_size
+            self.hparams.vocab_size = vocab_size  # the model's, which may exceed the data's
+        else:
+            self.net = self._builtin_net(vocab_size, dim, n_layers, n_heads, mlp_hidden, max_seq_len, connectivity,
+                                         connectivity_options, aggregation, granularity, dropout, tie_embeddings)  # fmt: skip
+        self.loss_chunk_tokens = resolve_loss_chunk_tokens(loss_chunk_tokens, vocab_size)
+        self.val_loss = MeanMetric()
+        self.val_ppl = ExpMeanMetric()
+        self.val_bpb = MeanMetric()
+        self.test_bpb = MeanMetric()
+        self._last_batch_end: float | None = None
+        #: the tokenizer of the data (or of the checkpoint); byte-level until told otherwise when vocab_size is 257
+        self.tokenizer: Tokenizer | None = None
+        self._token_bytes: Tensor | None = None  # (V,) int64 UTF-8 bytes per id, on the device of the last batch
+        self._data_tokenizer_state: dict[str, Any] | None = None
+        if vocab_size == ByteTokenizer.vocab_size:
+            self.set_tokenizer(ByteTokenizer())
+
+    @staticmethod
+    def _builtin_net(vocab_size: int, dim: int, n_layers: int, n_heads: int, mlp_hidden: int | None, max_seq_len: int,
+                     connectivity: str, connectivity_options: dict[str, Any] | None, aggregation: AggregationImpl,
+                     granularity: Granularity, dropout: float, tie_embeddings: bool) -> CausalLM:  # fmt: skip
+        return CausalLM(
             vocab_size,
             dim=dim,
             n_layers=n_layers,
@@ -191,18 +230,11 @@ class LLMModule(ConnectivityModule):
             dropout=dropout,
             tie_embeddings=tie_embeddings,
         )
-        self.loss_chunk_tokens = resolve_loss_chunk_tokens(loss_chunk_tokens, vocab_size)
-        self.val_loss = MeanMetric()
-        self.val_ppl = ExpMeanMetric()
-        self.val_bpb = MeanMetric()
-        self.test_bpb = MeanMetric()
-        self._last_batch_end: float | None = None
-        #: the tokenizer of the data (or of the checkpoint); byte-level until told otherwise when vocab_size is 257
-        self.tokenizer: Tokenizer | None = None
-        self._token_bytes: Tensor | None = None  # (V,) int64 UTF-8 bytes per id, on the device of the last batch
-        self._data_tokenizer_state: dict[str, Any] | None = None
-        if vocab_size == ByteTokenizer.vocab_size:
-            self.set_tokenizer(ByteTokenizer())
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence the network accepts (a transformers config's positions, or ``max_seq_len``)."""
+        return self.net.max_seq_len if self.hparams.get("hf_config") else self.hparams.max_seq_len
 
     exit_task = "classification"
     exit_primary_metric = ("loss", False)
@@ -294,7 +326,7 @@ class LLMModule(ConnectivityModule):
         counted: dict[str, set[int]] = {
             "embedding": embedding,
             "head": {id(p) for p in (*net.head.parameters(), *net.norm.parameters())} - embedding,
-            "blocks": {id(p) for p in net.stack.blocks.parameters()} - wiring,
+            "blocks": {id(p) for p in net.stack.parameters()} - wiring,
             "wiring": wiring,
         }
         sizes = {id(p): p.numel() for p in net.parameters()}
@@ -317,10 +349,13 @@ class LLMModule(ConnectivityModule):
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seq_len = getattr(data, "seq_len", None)
-        if seq_len is not None and seq_len > self.hparams.max_seq_len:
+        limit = self.max_seq_len
+        if seq_len is not None and limit is not None and seq_len > limit:
+            fix = ("raise max_position_embeddings (n_positions for GPT-2) in hf_config" if self.hparams.get("hf_config")
+                   else f"set --model.init_args.max_seq_len {seq_len}")  # fmt: skip
             raise UserInputError(
-                f"data seq_len={seq_len} is longer than the model allows (model max_seq_len="
-                f"{self.hparams.max_seq_len}); set --model.init_args.max_seq_len {seq_len} or lower --data.init_args.seq_len"
+                f"data seq_len={seq_len} is longer than the model allows (model max_seq_len={limit}); {fix} or lower "
+                "--data.init_args.seq_len"
             )
         vocab = getattr(data, "vocab_size", None)
         if vocab is not None and vocab > self.hparams.vocab_size:
