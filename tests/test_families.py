@@ -1,7 +1,10 @@
 """The 2025-26 families against plain reference loops written from the papers' equations.
 
 Each reference below is written from the papers' equations (DESIGN.md, "The 2025-26 families"),
-with explicit loops over layers, sources and streams and none of the library's code paths.
+with explicit loops over layers, sources and streams and none of the library's code paths. The
+comparisons run in float64 (a float64 model computes its wiring in float64 throughout), where only
+the order of operations differs, so they hold on any CPU; one float32 check per family sits at the
+end (:func:`test_each_family_matches_its_reference_in_float32`).
 """
 
 from __future__ import annotations
@@ -35,25 +38,51 @@ def x():
     return torch.randn(2, 3, D, requires_grad=True)
 
 
+@pytest.fixture
+def x64():
+    torch.manual_seed(42)
+    return torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
+
+
+def make_stack64(name: str, k: int, **options):
+    """The tiny stack of ``name`` in float64 (blocks and wiring)."""
+    stack = make_stack(name, k, **options).double()
+    assert all(p.dtype == torch.float64 for p in stack.parameters())
+    return stack
+
+
+#: (rtol, atol of outputs; gradient atol as a fraction of the tensor's largest gradient, floor)
+TOLERANCES = {
+    # float64: the two sides differ only in the order of operations (unit roundoff 1.1e-16, sums of
+    # at most a few hundred terms through 20 Sinkhorn rounds): measured below 1e-14
+    torch.float64: (1e-10, 1e-12, 1e-10, 1e-12),
+    # float32: a gradient entry is a long sum (20 Sinkhorn rounds for mHC) whose rounding error scales
+    # with the largest terms, i.e. with the tensor's largest gradient, not with the entry: measured
+    # 1.9e-6 x max|grad| at worst on one CPU and 4.9e-6 absolute on another (mHC, 4 streams), so
+    # 1e-4 x max|grad|; a wrong wiring moves outputs and gradients by 1e-2 or more
+    torch.float32: (1e-4, 1e-5, 1e-4, 1e-5),
+}
+
+
 def check_against(stack, x, ref_out, ref_exits=None):
-    """Output, exits and the gradients of the input and of every parameter equal the reference."""
+    """Output, exits and the gradients of the input and of every parameter equal the reference,
+    within the rounding of ``x``'s dtype (:data:`TOLERANCES`)."""
+    rtol, atol, grad_rel, grad_floor = TOLERANCES[x.dtype]
     out, exits = stack(x, return_exits=True)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
     if ref_exits is not None:
         assert len(exits) == len(ref_exits)
         for e, r in zip(exits, ref_exits):
-            torch.testing.assert_close(e, r, rtol=1e-5, atol=1e-6)
-    probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+            torch.testing.assert_close(e, r, rtol=rtol, atol=atol)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     params = [x] + [p for p in stack.parameters() if p.requires_grad]
     ours = torch.autograd.grad((out * probe).sum(), params, allow_unused=True)
     ref = torch.autograd.grad((ref_out * probe).sum(), params, allow_unused=True)
     for p, g, r in zip(params, ours, ref):
         assert (g is None) == (r is None)
         if g is not None:
-            # float32: a gradient entry is a long sum (20 Sinkhorn rounds for mHC) whose rounding error scales
-            # with the largest terms, i.e. with the tensor's largest gradient, not with the entry: measured
-            # 1.9e-6 x max|grad| at worst (mHC, 4 streams), so 1e-5 x max|grad| (and 1e-6 for tiny gradients)
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=max(1e-6, 1e-5 * float(r.abs().max())))
+            torch.testing.assert_close(g, r, rtol=rtol, atol=max(grad_floor, grad_rel * float(r.abs().max())))
 
 
 # --- attention residuals --------------------------------------------------------------------------
@@ -88,12 +117,12 @@ def attnres_reference(stack, x):
 
 
 @pytest.mark.parametrize("k,block_size", [(1, 1), (4, 1), (5, 2), (6, 3), (4, 4)])
-def test_attnres_matches_reference(x, k, block_size):
-    stack = make_stack("attnres", k, block_size=block_size)
+def test_attnres_matches_reference(x64, k, block_size):
+    stack = make_stack64("attnres", k, block_size=block_size)
     assert not stack.connectivity.inner_residual and stack.connectivity.per_token
     randomize(stack.connectivity.gate_parameters())
-    out, exits, _ = attnres_reference(stack, x)
-    check_against(stack, x, out, exits)
+    out, exits, _ = attnres_reference(stack, x64)
+    check_against(stack, x64, out, exits)
 
 
 def test_attnres_zero_queries_is_the_uniform_average_over_depth(x):
@@ -168,12 +197,12 @@ def hyper_reference(stack, x):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("k,streams", [(1, 1), (4, 2), (5, 4)])
-def test_hyper_matches_reference(x, k, streams, dynamic):
-    stack = make_stack("hyper", k, streams=streams, dynamic=dynamic)
+def test_hyper_matches_reference(x64, k, streams, dynamic):
+    stack = make_stack64("hyper", k, streams=streams, dynamic=dynamic)
     assert not stack.connectivity.inner_residual and stack.connectivity.per_token == dynamic
     randomize(stack.connectivity.gate_parameters(), scale=0.3)
-    out, exits = hyper_reference(stack, x)
-    check_against(stack, x, out, exits)
+    out, exits = hyper_reference(stack, x64)
+    check_against(stack, x64, out, exits)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -229,11 +258,11 @@ def mhc_reference(stack, x):
 
 @pytest.mark.parametrize("init,head", [("residual", "learned"), ("uniform", "sum"), ("residual", "sum")])
 @pytest.mark.parametrize("k,streams", [(1, 1), (3, 2), (4, 4)])
-def test_mhc_matches_reference(x, k, streams, init, head):
-    stack = make_stack("mhc", k, streams=streams, init=init, head=head)
+def test_mhc_matches_reference(x64, k, streams, init, head):
+    stack = make_stack64("mhc", k, streams=streams, init=init, head=head)
     randomize(stack.connectivity.gate_parameters(), scale=0.3)
-    out, exits = mhc_reference(stack, x)
-    check_against(stack, x, out, exits)
+    out, exits = mhc_reference(stack, x64)
+    check_against(stack, x64, out, exits)
 
 
 def test_sinkhorn_is_doubly_stochastic_after_20_iterations():
@@ -272,12 +301,12 @@ def mudd_reference(stack, x):
 
 
 @pytest.mark.parametrize("k,hidden", [(1, None), (4, None), (3, 5)])
-def test_mudd_matches_reference(x, k, hidden):
-    stack = make_stack("mudd", k, hidden=hidden)
+def test_mudd_matches_reference(x64, k, hidden):
+    stack = make_stack64("mudd", k, hidden=hidden)
     assert stack.connectivity.inner_residual
     randomize(stack.connectivity.gate_parameters(), scale=0.3)
-    out, exits = mudd_reference(stack, x)
-    check_against(stack, x, out, exits)
+    out, exits = mudd_reference(stack, x64)
+    check_against(stack, x64, out, exits)
 
 
 def test_mudd_at_init_is_exactly_a_residual_network(x):
@@ -290,6 +319,25 @@ def test_mudd_at_init_is_exactly_a_residual_network(x):
 
 
 # --- every family -----------------------------------------------------------------------------------
+FLOAT32_CASES = {
+    "attnres": ({"block_size": 2}, lambda stack, x: attnres_reference(stack, x)[:2]),
+    "hyper": ({"streams": 2, "dynamic": True}, hyper_reference),
+    "mhc": ({"streams": 4}, mhc_reference),
+    "mudd": ({}, mudd_reference),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_CASES))
+def test_each_family_matches_its_reference_in_float32(x, name):
+    """The float32 smoke check of each family: the wiring computes in float32 on float32 states,
+    within float32 rounding of the reference (:data:`TOLERANCES`)."""
+    options, reference = FLOAT32_CASES[name]
+    stack = make_stack(name, 4, **options)
+    randomize(stack.connectivity.gate_parameters(), scale=0.3)
+    out, exits = reference(stack, x)
+    check_against(stack, x, out, exits)
+
+
 FAMILIES = [
     ("attnres", {}), ("attnres", {"block_size": 2}), ("hyper", {}), ("hyper", {"dynamic": True}),
     ("mhc", {}), ("mudd", {}),

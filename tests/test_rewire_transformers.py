@@ -5,11 +5,8 @@ Llama-family models loop over ``self.layers[: config.num_hidden_layers]`` (the w
 of the rewired container), GPT-2 over ``enumerate(self.h)``; both pass the attention mask, the
 positions or rotary tables and the KV cache to every layer by keyword.
 
-Known package bug, marked ``xfail(strict=True)`` below (see :data:`FLOAT64_BUG` and
-:data:`FLOAT64_PRECISION_BUG`): several wirings call ``.float()`` on their states or parameters,
-which in a rewired model converted to float64 (``model.double()`` after rewire) either fails
-(denseformer, attnres, mhc, mudd) or silently rounds the wiring to float32 (ancre's gates, the
-streams of hyper). The generation of the four that fail is also checked in float32.
+Float64 models compute their wiring in float64 (checked against a float64 reference loop and in
+cached generation); the other cases run in float32.
 """
 
 from __future__ import annotations
@@ -39,42 +36,9 @@ PAD, BOS, EOS = 0, 1, 2  # inside the vocabulary; the random token ids below are
 CONTAINER = {"llama": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers", "gpt2": "transformer.h"}
 ARCHS = list(CONTAINER)
 
-#: The wirings whose forward fails once the rewired model is converted to float64
-#: (``model.double()`` after rewire; rewiring a float64 model leaves the wiring float32 and runs):
-#: ``.float()`` on the states or parameters meets float64 ones. Reproduction, without transformers::
-#:
-#:     from ancre_lightning.connectivity import build_connectivity
-#:     build_connectivity("denseformer", 3).double().coefficients()
-#:     # RuntimeError: Index put requires the source and destination dtypes match (denseformer.py:81)
-#:     conn = build_connectivity("mudd", 3, dim=8).double()
-#:     conn.advance(conn.begin(torch.randn(2, 8, dtype=torch.float64)), 0, torch.randn(2, 8, dtype=torch.float64))
-#:     # RuntimeError: expected m1 and m2 to have the same dtype, but got: float != double
-#:     # (base.rms_normalized returns float32; attnres._scores and mhc.maps fail the same way)
-FLOAT64_BROKEN = {"denseformer", "attnres", "mhc", "mudd"}
-FLOAT64_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="package bug: a rewired model converted to float64 fails in the wiring (denseformer.coefficients "
-           "index_put of .float() logits into a float64 tensor; base.rms_normalized returns float32 for attnres, "
-           "mhc and mudd, whose float64 parameters then meet it in a matmul)",
-)  # fmt: skip
-#: ANCRe's ``logit_matrix`` (``self.gate_logits.float()``) and the streams' mixing
-#: (``state.streams.float()`` in streams.py) round a float64 model's wiring to float32.
-FLOAT64_PRECISION_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="package bug: in a float64 model ANCRe computes its gates in float32 (ANCRe.logit_matrix calls .float()) "
-           "and hyper/mhc mix their streams in float32 (StreamWiring.layer_input/advance call .float()); the "
-           "logits then differ from a float64 reference by ~3e-8 instead of ~1e-16",
-)  # fmt: skip
-
-
 def name_dtype(value):
     """Test ids that say ``float64`` rather than ``dtype1``."""
     return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
-
-
-def wired_f64(connectivity: str) -> list:
-    """``[]`` or the float64 bug's mark, for a parametrization over wirings in float64."""
-    return [FLOAT64_BUG] if connectivity in FLOAT64_BROKEN else []
 
 
 # --------------------------------------------------------------------------- models
@@ -206,7 +170,7 @@ def test_residual_rewiring_gives_exactly_the_original_logits(arch, granularity, 
     assert set(model.state_dict()) == keys
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=FLOAT64_BUG)], ids=name_dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=name_dtype)
 @pytest.mark.parametrize("connectivity", ["denseformer", "mudd"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -295,23 +259,13 @@ def _rewired_and_reference(connectivity: str, granularity: str, options: dict) -
 @pytest.mark.parametrize(("connectivity", "granularity", "options"), REFERENCE_CASES, ids=["ancre-block", "hyper-sublayer"])
 def test_a_rewired_llama_computes_the_wirings_equations(connectivity, granularity, options):
     """The rewired Llama's logits equal those of a loop written here from the equations, with
-    random wiring parameters, in float64.
-
-    Tolerance 1e-6 on logits of size ~0.35: the package rounds ANCRe's gates and the streams'
-    mixing to float32 even in a float64 model (the bug pinned by the next test), measured 3e-8;
-    a wrong wiring (a transposed stream map, a missing source, gates over the wrong row) moves
-    the logits by more than 1e-2."""
+    random wiring parameters, in float64: only the order of float64 operations may differ (a few
+    units of 1e-16 on logits of ~0.35; 1e-12 leaves room for that). A wiring step rounded to
+    float32 (ANCRe's gates or the streams' mixing, as before they computed in the states' dtype)
+    misses by ~3e-8; a wrong wiring (a transposed stream map, a missing source, gates over the
+    wrong row) by more than 1e-2."""
     got, ref = _rewired_and_reference(connectivity, granularity, options)
     assert ref.abs().max() > 0.1
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
-
-
-@FLOAT64_PRECISION_BUG
-@pytest.mark.parametrize(("connectivity", "granularity", "options"), REFERENCE_CASES, ids=["ancre-block", "hyper-sublayer"])
-def test_a_float64_model_computes_its_wiring_in_float64(connectivity, granularity, options):
-    """The same comparison at float64 precision: only the order of float64 operations may differ
-    (a few units of 1e-16 on logits of ~0.35; 1e-12 leaves room for that)."""
-    got, ref = _rewired_and_reference(connectivity, granularity, options)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
@@ -339,9 +293,9 @@ def _generate(model, ids, mask, use_cache: bool):
 
 
 GENERATION_CASES = (
-    [pytest.param("llama", c, g, torch.float64, marks=wired_f64(c)) for g in GRANULARITIES for c in WIRINGS]
-    + [("llama", c, g, torch.float32) for g in GRANULARITIES for c in sorted(FLOAT64_BROKEN)]  # their float64 run fails
-    + [pytest.param("gpt2", c, g, torch.float64, marks=wired_f64(c))
+    [("llama", c, g, torch.float64) for g in GRANULARITIES for c in WIRINGS]
+    + [("llama", c, g, torch.float32) for g in GRANULARITIES for c in ("denseformer", "attnres", "mhc", "mudd")]
+    + [("gpt2", c, g, torch.float64)
        for c, g in [("residual", "sublayer"), ("ancre", "block"), ("hyper", "sublayer"), ("fixed", "block")]]
     + [("gpt2", "mhc", "sublayer", torch.float32), ("gpt2", "attnres", "block", torch.float32)]
 )  # fmt: skip

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StaticWiring, handover_matrix
+from .base import StaticWiring, compute_dtype, handover_matrix
 from ..errors import UserInputError
 
 Normalization = Literal["incoming", "outgoing"]
@@ -125,11 +125,12 @@ class ANCRe(StaticWiring):
     def logit_matrix(self) -> Tensor:
         """(K, K) logits, -inf outside the lower triangle (row = target j, column = source i)."""
         k = self.num_layers
-        full = self.gate_logits.new_full((k, k), float("-inf"), dtype=torch.float32)
-        return full.index_put((self._rows, self._cols), self.gate_logits.float())
+        dtype = compute_dtype(self.gate_logits)  # float32 (kept so under bf16), float64 in a .double() model
+        full = self.gate_logits.new_full((k, k), float("-inf"), dtype=dtype)
+        return full.index_put((self._rows, self._cols), self.gate_logits.to(dtype))
 
     def gate_matrix(self) -> Tensor:
-        """(K, K) normalised gates ``p[j, i]`` (row = target, column = source), float32."""
+        """(K, K) normalised gates ``p[j, i]`` (row = target, column = source), float32 (float64 in a float64 model)."""
         scaled = self.logit_matrix() / self.tau  # (K, K)
         dim = 1 if self.normalization == "incoming" else 0
         return torch.softmax(scaled, dim=dim)  # rows (incoming) or columns (outgoing) sum to 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import PerTokenWiring, per_token_weighted_sum
+from .base import PerTokenWiring, compute_dtype, per_token_weighted_sum
 from ..errors import UserInputError
 
 
@@ -85,7 +85,7 @@ class AttentionResiduals(PerTokenWiring):
     def _scores(self, source: Tensor, row: int | None = None) -> Tensor:
         """``w_r . RMSNorm_r(source)``, float32: for every row r (..., D) -> (..., K), or for one
         row (..., D) -> (...). The key's norm and gain fold into the query: one read of the source."""
-        s = source.float()
+        s = source.to(compute_dtype(source, self.queries))
         inv_rms = torch.rsqrt(s.square().mean(-1, keepdim=True) + self.eps)  # (..., 1)
         if row is None:
             return (s @ (self.queries * self.key_gains).t()) * inv_rms  # (..., K)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .aggregation import AggregationImpl, weighted_sum, weighted_sum_accumulate
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 
 
@@ -228,7 +229,7 @@ class PerTokenWiring(Connectivity):
         k = self.num_layers
         if tuple(initial.shape) != (k, k + 1):
             raise ValueError(f"initial coefficients must be ({k}, {k + 1}), got {tuple(initial.shape)}")
-        self.register_buffer("token_mean", initial.detach().float().clone(), persistent=False)
+        self.register_buffer("token_mean", initial.detach().to(torch.float32).clone(), persistent=False)
         self.register_buffer("token_std", torch.zeros(k, k + 1), persistent=False)
 
     def token_moments(self, weights: Tensor, columns: list[int] | None = None) -> tuple[Tensor, Tensor]:
@@ -244,7 +245,7 @@ class PerTokenWiring(Connectivity):
                 attention residuals spread one weight over every layer of a block); default: the
                 n weights are columns 0..n-1.
         """
-        w = weights.detach().float().reshape(-1, weights.shape[-1])  # (N, n)
+        w = weights.detach().to(compute_dtype(weights)).reshape(-1, weights.shape[-1])  # (N, n)
         mean = w.mean(0)  # (n,)
         variance = (w - mean).square().mean(0)  # (n,)
         if columns is not None:
@@ -283,8 +284,9 @@ class PerTokenWiring(Connectivity):
 
 
 def rms_normalized(x: Tensor, eps: float) -> Tensor:
-    """``x / RMS(x)`` over the last dimension, in float32, without a gain (the wiring's own norms)."""
-    x = x.float()
+    """``x / RMS(x)`` over the last dimension, in float32 or better (:func:`compute_dtype`),
+    without a gain (the wiring's own norms)."""
+    x = x.to(compute_dtype(x))
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 

@@ -78,7 +78,7 @@ class DenseFormer(StaticWiring):
 
     def coefficients(self) -> Tensor:
         k = self.num_layers
-        learned = self.dwa_weights.new_zeros(k, k + 1).index_put((self._rows, self._cols), self.dwa_weights.float())
+        learned = self.dwa_weights.new_zeros(k, k + 1).index_put((self._rows, self._cols), self.dwa_weights)
         return learned + self._handover_rows  # (K, K+1)
 
     def extra_repr(self) -> str:

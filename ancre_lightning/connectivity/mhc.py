@@ -1,6 +1,6 @@
 """mHC: manifold-constrained hyper-connections, per-token maps with a doubly stochastic mix.
 
-Per layer (DESIGN.md, arXiv 2512.24880), in float32: ``x' = RMSNorm(vec(H))`` over all n*D,
+Per layer (DESIGN.md, arXiv 2512.24880), in float32 (float64 in a float64 model): ``x' = RMSNorm(vec(H))`` over all n*D,
 ``pre = sigmoid(a_pre x' P_pre + b_pre)`` (n), ``post = 2 sigmoid(a_post x' P_post + b_post)`` (n),
 ``res = Sinkhorn(exp(a_res x' P_res + b_res))`` (n x n, nearly doubly stochastic), and
 ``H' = res H + post^T f(pre H)`` (see ``streams.py``). The gating factors ``a`` start at 0.01.
@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import rms_normalized
+from .base import compute_dtype, rms_normalized
 from .streams import StreamWiring, check_streams
 from ..errors import UserInputError
 
@@ -40,10 +40,11 @@ MHCHead = Literal["learned", "sum"]
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp on ``exp(logits)`` (..., n, n): ``iters`` rounds of column then row
-    normalisation, in float32. Rows end summing to 1 exactly, columns within the method's error
+    normalisation, in float32 or better. Rows end summing to 1 exactly, columns within the method's error
     (below 1e-3 after 20 rounds for logits of the spread of the start, ``2 I`` plus noise of 0.5;
     sharply peaked logits converge more slowly)."""
-    m = torch.exp(logits.float() - logits.float().amax(dim=(-2, -1), keepdim=True))  # (..., n, n), positive
+    logits = logits.to(compute_dtype(logits))  # float32 or better
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))  # (..., n, n), positive
     for _ in range(iters):
         m = m / m.sum(dim=-2, keepdim=True)  # columns sum to 1
         m = m / m.sum(dim=-1, keepdim=True)  # rows sum to 1

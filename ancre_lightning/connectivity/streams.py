@@ -8,7 +8,7 @@ mixes the streams and ``post`` (..., n) writes the layer's output ``y`` into eac
     H'_t = sum_s res[t, s] H_s + post[t] y
 
 The head sees ``sum_s r[s] H_s`` with reduce weights ``r`` (ones: the sum of the streams, or a
-learned per-token reduction). The mixing runs in float32 and is rounded once to the states' dtype.
+learned per-token reduction). The mixing runs in float32 (float64 for float64 states) and is rounded once to the states' dtype.
 
 The (K, K+1) picture is unrolled from the maps: each stream is a combination of the history
 ``s_0 = v_0, s_{i+1} = y_i`` with coefficients ``E`` (n, K+1), ``E' = res E + post e_{l+1}``, and row
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import PerTokenWiring
+from .base import PerTokenWiring, compute_dtype
 from ..errors import UserInputError
 
 
@@ -105,12 +105,13 @@ class StreamWiring(PerTokenWiring):
         pre = state.maps[0]
         if state.unrolled is not None and j > 0:
             self._remember(state, pre)  # row j-1: the input of layer j
-        return read_streams(pre, state.streams.float()).to(state.streams.dtype)  # (..., D)
+        return read_streams(pre, state.streams.to(compute_dtype(state.streams, pre))).to(state.streams.dtype)  # (..., D)
 
     def advance(self, state: StreamState, j: int, u: Tensor) -> None:
         pre, res, post = state.maps
-        mixed = mix_streams(res, state.streams.float())  # (..., n, D)
-        written = post.unsqueeze(-1) * u.float().unsqueeze(-2)  # (..., n, D)
+        dtype = compute_dtype(state.streams, u, res)
+        mixed = mix_streams(res, state.streams.to(dtype))  # (..., n, D)
+        written = post.unsqueeze(-1) * u.to(dtype).unsqueeze(-2)  # (..., n, D)
         state.streams = (mixed + written).to(u.dtype)
         if state.unrolled is not None:
             with torch.no_grad():
@@ -133,13 +134,13 @@ class StreamWiring(PerTokenWiring):
     @staticmethod
     def _head_input(state: StreamState, weights: Tensor) -> Tensor:
         """What the head sees: the streams reduced with ``weights``, (..., D)."""
-        return read_streams(weights, state.streams.float()).to(state.streams.dtype)
+        return read_streams(weights, state.streams.to(compute_dtype(state.streams, weights))).to(state.streams.dtype)
 
     def _remember(self, state: StreamState, weights: Tensor) -> None:
         """Record the row ``weights E`` (token by token) of the picture."""
         with torch.no_grad():
             n = self.num_streams
-            w = weights.detach().float().expand(*state.streams.shape[:-1]).reshape(-1, n)  # (N, n)
+            w = weights.detach().to(state.unrolled.dtype).expand(*state.streams.shape[:-1]).reshape(-1, n)  # (N, n)
             row = read_streams(w, state.unrolled)  # (N, K+1)
             state.moments.append(self.token_moments(row))
 

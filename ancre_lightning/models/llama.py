@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, build_connectivity
 from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 from .sublayer import Granularity, Sublayer, check_granularity
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32."""
+    """Root-mean-square norm with a learned gain, computed in float32 (float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -34,7 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = x.to(compute_dtype(x))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
         return xf.type_as(x) * self.weight
 
@@ -48,7 +49,7 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tu
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (first half, second half) of the head dimension; x is (B, H, T, hd)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    x1, x2 = x.to(compute_dtype(x)).chunk(2, dim=-1)  # (B, H, T, hd/2) each
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
+from ..dtypes import compute_dtype
 from ..errors import NONFINITE_MARKER, UserInputError, load_failure, state_mismatch_examples
 from .schedule import WarmupCosine
 
@@ -130,7 +131,7 @@ class ConnectivityModule(L.LightningModule):
 
         The default, for classification: mean cross-entropy ``loss`` and top-1 ``accuracy``.
         """
-        logits = output.float()
+        logits = output.to(compute_dtype(output))
         return {
             "loss": F.cross_entropy(logits, target),
             "accuracy": (logits.argmax(-1) == target).float().mean(),

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 from ..models import MLPMixer, ResNet, VisionTransformer
 from ..models.sublayer import Granularity
@@ -332,10 +333,10 @@ class ClassifierModule(ConnectivityModule):
                 raise UserInputError(f"Mixup / CutMix needs an even batch size, got a batch of {images.shape[0]}")
             images, soft = self.mixup(images, labels)  # soft: (B, num_classes), smoothing included
             logits = self(images)  # (B, num_classes)
-            loss = F.cross_entropy(logits.float(), soft)
+            loss = F.cross_entropy(logits.to(compute_dtype(logits)), soft)
         else:
             logits = self(images)  # (B, num_classes)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits.to(compute_dtype(logits)), labels, label_smoothing=self.label_smoothing)
             self.train_acc1(logits.detach(), labels)
             self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
@@ -353,7 +354,8 @@ class ClassifierModule(ConnectivityModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         images, labels = batch
-        logits = self(images).float()  # (B, num_classes)
+        logits = self(images)
+        logits = logits.to(compute_dtype(logits))  # (B, num_classes), float32 or better
         getattr(self, f"{split}_loss").update(F.cross_entropy(logits, labels), weight=labels.numel())
         acc1 = getattr(self, f"{split}_acc1")
         acc1(logits, labels)

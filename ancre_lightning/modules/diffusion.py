@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
 from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 from ..models.dit import DiT
 from ..models.sublayer import Granularity
@@ -285,7 +286,9 @@ class DiffusionModule(ConnectivityModule):
         """Mean squared error of ``net``'s prediction of the diffusion target, in float32."""
         noisy = self.noise_scheduler.add_noise(images, noise, timesteps)  # (B, C, H, W)
         pred = net(noisy, timesteps, self._labels(labels))  # (B, C, H, W)
-        return F.mse_loss(pred.float(), self.diffusion_target(images, noise, timesteps).float())
+        target = self.diffusion_target(images, noise, timesteps)
+        dtype = compute_dtype(pred, target)
+        return F.mse_loss(pred.to(dtype), target.to(dtype))
 
     # --- training -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -478,7 +481,8 @@ class DiffusionModule(ConnectivityModule):
 
     def exit_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Denoising mean squared error ``loss`` of one exit's output."""
-        return {"loss": F.mse_loss(output.float(), target.float())}
+        dtype = compute_dtype(output, target)
+        return {"loss": F.mse_loss(output.to(dtype), target.to(dtype))}
 
     # --- sampling -------------------------------------------------------------------------------
     def default_labels(self, num_samples: int) -> Tensor | None:

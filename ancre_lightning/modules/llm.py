@@ -25,6 +25,7 @@ from ..models import CausalLM
 from ..models.sublayer import Granularity
 from .base import CompileMode, ConnectivityModule
 from ..connectivity.aggregation import DEFAULT_AGGREGATION, AggregationImpl
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 
 #: ``loss_chunk_tokens: null`` chunks the loss from this vocabulary size on (the byte model's 257
@@ -53,7 +54,7 @@ def resolve_loss_chunk_tokens(loss_chunk_tokens: int | None, vocab_size: int) ->
 def _summed_cross_entropy(hidden: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
     """Summed cross-entropy of ``head(hidden)`` (N, V) against ``labels`` (N,), in float32 or better."""
     logits = head(hidden)  # (N, V)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = logits.to(compute_dtype(logits))
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
@@ -370,8 +371,8 @@ class LLMModule(ConnectivityModule):
 
     @staticmethod
     def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean next-token cross-entropy, computed in float32."""
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())  # (B*T, V) vs (B*T,)
+        """Mean next-token cross-entropy, computed in float32 or better."""
+        return F.cross_entropy(logits.to(compute_dtype(logits)).flatten(0, 1), labels.flatten())  # (B*T, V) vs (B*T,)
 
     def next_token_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean next-token cross-entropy of a batch: :meth:`lm_loss` of the logits, or, with
