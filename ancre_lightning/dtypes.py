@@ -14,3 +14,10 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def promoted_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in :func:`compute_dtype` of both: float64 states meet float32 wiring parameters
+    (or the other way round) without an error and without rounding the float64 side."""
+    dtype = compute_dtype(a, b)
+    return a.to(dtype) @ b.to(dtype)

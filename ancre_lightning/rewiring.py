@@ -242,6 +242,7 @@ class RewiredBlocks(ConnectedStack):
         self.transitions = int(transitions)
         self._layers = list(layers)
         self._exits_as_batch = False
+        self.activation_checkpointing = False
 
     # --- what ConnectedStack.forward runs -----------------------------------------------------
     @property
@@ -298,7 +299,8 @@ class RewiredBlocks(ConnectedStack):
             yield _Step(run, i, block)
 
     def extra_repr(self) -> str:
-        return f"transitions={self.transitions}, aggregation={self.aggregation}"
+        checkpointed = ", activation_checkpointing=True" if self.activation_checkpointing else ""
+        return f"transitions={self.transitions}, aggregation={self.aggregation}{checkpointed}"
 
 
 class _Run:
@@ -331,7 +333,7 @@ class _Run:
         for j in range(first, first + per_block):
             if j > first:
                 h = conn.layer_input(self.state, j)  # (..., D)
-            u = stack._layers[j](h, *args, **kwargs)  # (..., D); the first sees what the model handed over
+            u = stack.run_layer(stack._layers[j], h, *args, **kwargs)  # (..., D); the first sees what the model handed over
             conn.advance(self.state, j, u)
             if batch:
                 self.exits.append(conn.exit(self.state))
@@ -477,6 +479,7 @@ def rewire(
     granularity: str = "block",
     aggregation: AggregationImpl = "loop",
     dim: int | None = None,
+    activation_checkpointing: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Wire the residual blocks of ``model`` with a connectivity of this project, in place.
@@ -505,6 +508,10 @@ def rewire(
             mudd); by default the block's first LayerNorm-like norm, else the model's
             ``embed_dim`` / ``inner_dim`` / ``hidden_size`` / ``d_model`` / ``num_features`` /
             ``n_embd``, else its transformers config's ``hidden_size`` / ``n_embd``.
+        activation_checkpointing: recompute each wired layer in backward (the wiring's own state
+            is kept, never recomputed); see :meth:`ConnectedStack.set_activation_checkpointing`.
+            The model's own gradient checkpointing must be off (it would recompute blocks
+            outside the wiring).
         **options: the connectivity's own options (e.g. ``tau=0.01`` for ancre).
 
     Returns:
@@ -524,7 +531,8 @@ def rewire(
         raise UserInputError(
             "rewire: the model has gradient checkpointing on, which would recompute its blocks outside the wiring; "
             "turn it off before rewiring (timm: model.set_grad_checkpointing(False); diffusers: "
-            "model.disable_gradient_checkpointing(); transformers: model.activation_checkpointing_disable())"
+            "model.disable_gradient_checkpointing(); transformers: model.activation_checkpointing_disable()) and pass "
+            "rewire(..., activation_checkpointing=True), which recomputes the blocks inside the wiring"
         )
     if is_transformers_model(model):
         require_transformers("rewiring a transformers model")
@@ -543,10 +551,13 @@ def rewire(
         raise UserInputError(f"rewire: no container of {type(model).__name__} has a block to wire after its shape changes")
     built = [(path, plain, transitions, *_wire(model, path, wired, key, sublayers, dim, options))
              for path, plain, transitions, wired in plans]  # fmt: skip  (every check before any change)
-    for path, plain, transitions, conn, layers in built:
+    stacks = [(path, RewiredBlocks(plain, conn, layers, transitions, aggregation)) for path, plain, transitions, conn, layers in built]
+    for _, stack in stacks:
+        stack.set_activation_checkpointing(activation_checkpointing)  # refuses BatchNorm blocks before any change
+    for path, stack in stacks:
         if path == "":  # the model is the container itself: the wired container replaces it
-            return RewiredBlocks(plain, conn, layers, transitions, aggregation)
-        _set_submodule(model, path, RewiredBlocks(plain, conn, layers, transitions, aggregation))
+            return stack
+        _set_submodule(model, path, stack)
     return model
 
 

@@ -147,12 +147,18 @@ def test_step_fields(doc):
 
 def test_memory_fields(doc):
     result = doc["results"]["memory"]
-    rows = {r["connectivity"]: r for r in result["rows"]}
-    assert rows["residual"]["ratio_vs_residual"] == pytest.approx(1.0)
+    rows = {(r["connectivity"], r["activation_checkpointing"]): r for r in result["rows"]}
+    assert set(rows) == {(c, on) for c in result["settings"]["connectivities"] for on in (False, True)}
+    assert rows["residual", False]["ratio_vs_residual"] == pytest.approx(1.0)
     for r in rows.values():
         assert r["peak_step_bytes"] > 0 and r["static_mib"] > 0
     # ANCRe keeps every block output alive for its merges: never less than residual
-    assert rows["ancre"]["peak_step_bytes"] >= rows["residual"]["peak_step_bytes"]
+    assert rows["ancre", False]["peak_step_bytes"] >= rows["residual", False]["peak_step_bytes"]
+    for conn in result["settings"]["connectivities"]:  # recomputing the layers keeps less at the peak
+        on = rows[conn, True]
+        assert on["ratio_vs_plain"] == pytest.approx(on["peak_step_bytes"] / rows[conn, False]["peak_step_bytes"])
+        assert on["ratio_vs_plain"] < 1.0
+    assert {t["name"] for t in result["targets"]} == {f"{c} checkpointed peak vs its plain step, eager" for c in result["settings"]["connectivities"]}
 
 
 def test_framework_fields(doc):

@@ -259,7 +259,7 @@ def store_as(module: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 def build_llm(
     connectivity: str, mode: str, shape: Mapping[str, Any], device: torch.device, seed: int = 0,
-    fused_optimizer: bool = True,
+    fused_optimizer: bool = True, activation_checkpointing: bool = False,
 ):
     """An :class:`~ancre_lightning.modules.LLMModule` at the benchmark shape and its AdamW (the
     module's own, :meth:`~ancre_lightning.modules.ConnectivityModule.build_optimizer`). The
@@ -286,6 +286,7 @@ def build_llm(
         aggregation="loop" if mode == "eager-loop" else "fused",
         compile=_COMPILE_OPTION[mode],
         fused_optimizer=fused_optimizer,
+        activation_checkpointing=activation_checkpointing,
     ).to(device)
     store_as(module, shape["precision"])
     module.configure_model()

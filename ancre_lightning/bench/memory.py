@@ -6,7 +6,8 @@ saved for backward, gradients, temporaries). On GPU this is ``torch.cuda.max_mem
 on CPU the allocations and frees that the PyTorch profiler records (``profile_memory``) are
 replayed in order. Static memory (parameters and AdamW state) is listed apart: it is the same for
 every connectivity up to the few gate scalars. Modes as in ``step``: ``eager`` (fused merges) by
-default, ``compile`` on request.
+default, ``compile`` on request. Each wiring is measured without and with activation checkpointing
+(every layer recomputed in backward; target: at most half the plain model's peak).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ._common import (
     optimizer_state_bytes,
     random_batch,
     synchronize,
+    target,
+    targets_table,
     tensor_bytes,
     train_step_fn,
 )
@@ -35,8 +38,11 @@ from ._common import (
 NAME = "memory"
 #: Eager only by default (each compiled variant costs a whole-model compilation, about a minute on
 #: 2 CPU cores); ``--set 'memory.modes=["eager","compile"]'`` adds the compiled models.
-FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": ("eager",)}
-QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",)}
+FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": ("eager",), "checkpointing": (False, True)}
+QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "checkpointing": (False, True)}
+#: Activation checkpointing's target: a wiring's checkpointed step peaks at most at this fraction of
+#: the same wiring's plain step.
+CHECKPOINTING_LIMIT = 0.5
 
 
 #: The CPU measurement reads torch's private profiler results; when they change, say so instead of a wrong number.
@@ -81,39 +87,49 @@ def run(
     device: torch.device,
     connectivities: Sequence[str] = FULL["connectivities"],
     modes: Sequence[str] = FULL["modes"],
+    checkpointing: Sequence[bool] = FULL["checkpointing"],
     **shape_overrides: Any,
 ) -> dict[str, Any]:
     shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
     batch = random_batch(shape, device)
     state_dtype = "bfloat16" if shape["precision"] == "bf16-true" else "float32"  # the residual stream's
     one_state = shape["batch_size"] * shape["seq_len"] * shape["dim"] * getattr(torch, state_dtype).itemsize
-    rows = []
+    rows, targets = [], []
     for mode in modes:
         base = None
-        for conn in connectivities:
-            module, optimizer = build_llm(conn, mode, shape, device)
-            step = train_step_fn(module, optimizer, batch, device, shape["precision"])
-            step()  # compiles; creates the AdamW state
-            step()
-            peak = peak_bytes(step, device)
-            if conn == "residual":
-                base = peak
-            rows.append({
-                "connectivity": conn,
-                "mode": mode,
-                "peak_step_bytes": peak,
-                "peak_step_mib": mib(peak),
-                "static_mib": mib(tensor_bytes(module.net.parameters()) + optimizer_state_bytes(optimizer)),
-                "ratio_vs_residual": None if base is None else peak / base,
-                "extra_states_vs_residual": None if base is None else (peak - base) / one_state,
-            })
-            del module, optimizer, step
-            gc.collect()
+        plain: dict[str, int] = {}
+        for recompute in checkpointing:
+            for conn in connectivities:
+                module, optimizer = build_llm(conn, mode, shape, device, activation_checkpointing=recompute)
+                step = train_step_fn(module, optimizer, batch, device, shape["precision"])
+                step()  # compiles; creates the AdamW state
+                step()
+                peak = peak_bytes(step, device)
+                if conn == "residual" and not recompute:
+                    base = peak
+                if not recompute:
+                    plain[conn] = peak
+                rows.append({
+                    "connectivity": conn,
+                    "mode": mode,
+                    "activation_checkpointing": recompute,
+                    "peak_step_bytes": peak,
+                    "peak_step_mib": mib(peak),
+                    "static_mib": mib(tensor_bytes(module.net.parameters()) + optimizer_state_bytes(optimizer)),
+                    "ratio_vs_residual": None if base is None else peak / base,
+                    "extra_states_vs_residual": None if base is None else (peak - base) / one_state,
+                    "ratio_vs_plain": peak / plain[conn] if recompute and conn in plain else None,
+                })
+                if recompute and conn in plain:
+                    targets.append(target(f"{conn} checkpointed peak vs its plain step, {mode}", peak / plain[conn], "<=",
+                                          CHECKPOINTING_LIMIT))  # fmt: skip
+                del module, optimizer, step
+                gc.collect()
     return {
         "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "device": str(device),
-                     "state_mib": mib(one_state), "state_dtype": state_dtype},
+                     "checkpointing": list(checkpointing), "state_mib": mib(one_state), "state_dtype": state_dtype},
         "rows": rows,
-        "targets": [],
+        "targets": targets,
     }
 
 
@@ -125,10 +141,15 @@ def table(result: dict[str, Any]) -> str:
         f"on {s['device']} (one (B, T, D) {s.get('state_dtype', 'float32')} state = {s['state_mib']:.1f} MiB)\n"
     )
     rows = [
-        (r["connectivity"], r["mode"], r["peak_step_mib"], r["ratio_vs_residual"], r["extra_states_vs_residual"], r["static_mib"])
+        (r["connectivity"], r["mode"], "on" if r.get("activation_checkpointing") else "off", r["peak_step_mib"],
+         r["ratio_vs_residual"], r.get("ratio_vs_plain"), r["extra_states_vs_residual"], r["static_mib"])
         for r in result["rows"]
-    ]
-    return head + "\n" + format_table(["connectivity", "mode", "peak MiB", "x residual", "extra states", "params+AdamW MiB"], rows)
+    ]  # fmt: skip
+    columns = ["connectivity", "mode", "checkpointing", "peak MiB", "x residual", "x plain", "extra states", "params+AdamW MiB"]
+    out = head + "\n" + format_table(columns, rows)
+    if result.get("targets"):
+        out += "\n\n" + targets_table(result["targets"])
+    return out
 
 
 # --------------------------------------------------------------------------- large vocabularies

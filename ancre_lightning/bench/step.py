@@ -42,7 +42,9 @@ from ._common import (
 
 NAME = "step"
 #: ``modes: None`` = eager and compile, plus compile-graphs on a GPU.
-FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True}
+#: ``checkpointing: [false, true]`` also times every wiring with activation checkpointing.
+FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True,
+                        "checkpointing": (False,)}
 QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "reps": 2, "warmup": 1}
 #: The step-overhead target per compiled mode (ANCRe: 3 % on CPU, under 1 % on GPU).
 COMPILED_MODES = ("compile", "compile-graphs")
@@ -58,6 +60,7 @@ def run(
     reps: int = FULL["reps"],
     warmup: int = FULL["warmup"],
     fused_optimizer: bool = FULL["fused_optimizer"],
+    checkpointing: Sequence[bool] = FULL["checkpointing"],
     **shape_overrides: Any,
 ) -> dict[str, Any]:
     if modes is None:
@@ -67,34 +70,41 @@ def run(
     tokens = shape["batch_size"] * shape["seq_len"]
     steps, first_step_s, params = {}, {}, {}
     for mode in modes:
-        for conn in connectivities:
-            module, optimizer = build_llm(conn, mode, shape, device, fused_optimizer=fused_optimizer)
-            step = train_step_fn(module, optimizer, batch, device, shape["precision"])
-            synchronize(device)
-            start = time.perf_counter()
-            step()  # compiles in compile mode (and the fused merges in eager mode)
-            synchronize(device)
-            first_step_s[mode, conn] = time.perf_counter() - start
-            steps[mode, conn] = step
-            params[conn] = sum(p.numel() for p in module.net.parameters())
+        for on in checkpointing:
+            for conn in connectivities:
+                module, optimizer = build_llm(conn, mode, shape, device, fused_optimizer=fused_optimizer,
+                                              activation_checkpointing=on)  # fmt: skip
+                step = train_step_fn(module, optimizer, batch, device, shape["precision"])
+                synchronize(device)
+                start = time.perf_counter()
+                step()  # compiles in compile mode (and the fused merges in eager mode)
+                synchronize(device)
+                first_step_s[mode, conn, on] = time.perf_counter() - start
+                steps[mode, conn, on] = step
+                params[conn] = sum(p.numel() for p in module.net.parameters())
     gc.collect()
-    times = interleaved_times({f"{m}/{c}": fn for (m, c), fn in steps.items()}, device, reps=reps, warmup=max(warmup - 1, 0))
+    times = interleaved_times({f"{m}/{c}/{on}": fn for (m, c, on), fn in steps.items()}, device, reps=reps,
+                              warmup=max(warmup - 1, 0))  # fmt: skip
 
     rows = []
     for mode in modes:
-        base = summarize(times[f"{mode}/residual"])["median_s"] if "residual" in connectivities else None
-        for conn in connectivities:
-            stats = summarize(times[f"{mode}/{conn}"])
-            rows.append({
-                "connectivity": conn,
-                "mode": mode,
-                **stats,
-                "tokens_per_s": tokens / stats["median_s"],
-                "overhead_vs_residual": None if base is None else stats["median_s"] / base - 1.0,
-                "first_step_s": first_step_s[mode, conn],
-                "parameters": params[conn],
-            })
-    pick = {(r["mode"], r["connectivity"]): r for r in rows}
+        for on in checkpointing:
+            base = summarize(times[f"{mode}/residual/{on}"])["median_s"] if "residual" in connectivities else None
+            for conn in connectivities:
+                stats = summarize(times[f"{mode}/{conn}/{on}"])
+                plain = summarize(times[f"{mode}/{conn}/False"])["median_s"] if on and False in checkpointing else None
+                rows.append({
+                    "connectivity": conn,
+                    "mode": mode,
+                    "activation_checkpointing": on,
+                    **stats,
+                    "tokens_per_s": tokens / stats["median_s"],
+                    "overhead_vs_residual": None if base is None else stats["median_s"] / base - 1.0,
+                    "time_vs_plain": None if plain is None else stats["median_s"] / plain,
+                    "first_step_s": first_step_s[mode, conn, on],
+                    "parameters": params[conn],
+                })
+    pick = {(r["mode"], r["connectivity"]): r for r in rows if not r["activation_checkpointing"]}
     limit = 0.01 if device.type == "cuda" else 0.03
     limits = {"ancre": limit, **FAMILY_LIMITS}
     targets = [
@@ -105,7 +115,8 @@ def run(
     ]
     return {
         "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "reps": reps,
-                     "warmup": warmup, "fused_optimizer": fused_optimizer, "tokens_per_step": tokens, "device": str(device)},
+                     "warmup": warmup, "fused_optimizer": fused_optimizer, "tokens_per_step": tokens, "device": str(device),
+                     "checkpointing": list(checkpointing)},
         "rows": rows,
         "targets": targets,
     }
@@ -118,12 +129,16 @@ def table(result: dict[str, Any]) -> str:
         f"{s['precision']} on {s['device']}, {'fused' if s.get('fused_optimizer', True) else 'foreach'} AdamW; "
         f"median of {s['reps']} interleaved rounds\n"
     )
+    checkpointing = any(r.get("activation_checkpointing") for r in result["rows"])
     rows = [
-        (r["connectivity"], r["mode"], r["median_s"] * 1e3, r["iqr_rel"], r["tokens_per_s"],
+        (r["connectivity"], r["mode"], *(("on" if r["activation_checkpointing"] else "off", r["time_vs_plain"]) if checkpointing else ()),
+         r["median_s"] * 1e3, r["iqr_rel"], r["tokens_per_s"],
          None if r["overhead_vs_residual"] is None else 100 * r["overhead_vs_residual"], r["first_step_s"])
         for r in result["rows"]
-    ]
-    out = head + "\n" + format_table(["connectivity", "mode", "step ms", "IQR/med", "tokens/s", "overhead %", "first step s"], rows)
+    ]  # fmt: skip
+    columns = ["connectivity", "mode", *(("checkpointing", "x plain") if checkpointing else ()), "step ms", "IQR/med",
+               "tokens/s", "overhead %", "first step s"]  # fmt: skip
+    out = head + "\n" + format_table(columns, rows)
     if result["targets"]:
         out += "\n\n" + targets_table(result["targets"])
     return out

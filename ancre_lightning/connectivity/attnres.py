@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import PerTokenWiring, compute_dtype, per_token_weighted_sum
+from ..dtypes import promoted_matmul
 from ..errors import UserInputError
 
 
@@ -83,13 +84,13 @@ class AttentionResiduals(PerTokenWiring):
         return c
 
     def _scores(self, source: Tensor, row: int | None = None) -> Tensor:
-        """``w_r . RMSNorm_r(source)``, float32: for every row r (..., D) -> (..., K), or for one
-        row (..., D) -> (...). The key's norm and gain fold into the query: one read of the source."""
+        """``w_r . RMSNorm_r(source)``, float32 or better: for every row r (..., D) -> (..., K), or for
+        one row (..., D) -> (...). The key's norm and gain fold into the query: one read of the source."""
         s = source.to(compute_dtype(source, self.queries))
         inv_rms = torch.rsqrt(s.square().mean(-1, keepdim=True) + self.eps)  # (..., 1)
         if row is None:
-            return (s @ (self.queries * self.key_gains).t()) * inv_rms  # (..., K)
-        return (s @ (self.queries[row] * self.key_gains[row])) * inv_rms[..., 0]  # (...)
+            return promoted_matmul(s, (self.queries * self.key_gains).t()) * inv_rms  # (..., K)
+        return promoted_matmul(s, self.queries[row] * self.key_gains[row]) * inv_rms[..., 0]  # (...)
 
     def begin(self, x: Tensor, aggregation: str = "loop", track_exits: bool = False) -> DepthAttentionState:
         return DepthAttentionState(blocks=[x], block_scores=[self._scores(x)], h=x)

@@ -56,6 +56,9 @@ class Connectivity(nn.Module):
         num_streams: residual streams carried between layers (1, or n for hyper-connections).
         supports_sparsity: a sparsity penalty on ``coefficients()`` means something (the
             entries are the learned weights themselves).
+        recompute_maps: recompute the per-token maps in backward instead of keeping what they save
+            (the stream maps of dynamic hyper-connections and mHC with their Sinkhorn rounds);
+            set with the stack's activation checkpointing.
     """
 
     name: str = "base"
@@ -63,6 +66,7 @@ class Connectivity(nn.Module):
     per_token: bool = False
     num_streams: int = 1
     supports_sparsity: bool = False
+    recompute_maps: bool = False
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()

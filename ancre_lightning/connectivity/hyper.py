@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import rms_normalized
+from ..dtypes import promoted_matmul
 from .streams import StreamWiring, check_streams
 
 
@@ -66,9 +67,9 @@ class HyperConnections(StreamWiring):
             return pre, res, post
         normed = rms_normalized(streams, self.eps)  # (..., n, D), each stream on its own
         scale = self.scales[j]
-        pre = pre + scale[0] * torch.tanh(normed @ self.read_proj[j])  # (..., n)
-        mix = self.mix[j] + scale[1] * torch.tanh(normed @ self.mix_proj[j])  # (..., n, n) [source, target]
-        post = post + scale[2] * torch.tanh(normed @ self.write_proj[j])  # (..., n)
+        pre = pre + scale[0] * torch.tanh(promoted_matmul(normed, self.read_proj[j]))  # (..., n)
+        mix = self.mix[j] + scale[1] * torch.tanh(promoted_matmul(normed, self.mix_proj[j]))  # (..., n, n) [source, target]
+        post = post + scale[2] * torch.tanh(promoted_matmul(normed, self.write_proj[j]))  # (..., n)
         return pre, mix.transpose(-1, -2), post
 
     def static_coefficients(self) -> Tensor:

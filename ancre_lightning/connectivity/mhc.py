@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .base import compute_dtype, rms_normalized
 from .streams import StreamWiring, check_streams
+from ..dtypes import promoted_matmul
 from ..errors import UserInputError
 
 MHCInit = Literal["residual", "uniform"]
@@ -107,7 +108,7 @@ class ManifoldHyperConnections(StreamWiring):
 
     def maps(self, streams: Tensor, j: int) -> tuple[Tensor, Tensor, Tensor]:
         n = self.num_streams
-        mixes = self._normalised(streams) @ self.proj[j].t()  # (..., 2n + n^2)
+        mixes = promoted_matmul(self._normalised(streams), self.proj[j].t())  # (..., 2n + n^2)
         a = self.gating[j]
         pre = torch.sigmoid(a[0] * mixes[..., :n] + self.bias_pre[j])  # (..., n)
         post = 2 * torch.sigmoid(a[1] * mixes[..., n : 2 * n] + self.bias_post[j])  # (..., n)
@@ -117,7 +118,7 @@ class ManifoldHyperConnections(StreamWiring):
     def reduce_weights(self, streams: Tensor) -> Tensor:
         if self.head == "sum":
             return super().reduce_weights(streams)
-        mixes = self._normalised(streams) @ self.head_proj.t()  # (..., n)
+        mixes = promoted_matmul(self._normalised(streams), self.head_proj.t())  # (..., n)
         return torch.sigmoid(self.head_gating * mixes + self.head_bias)
 
     def _initial_coefficients(self) -> Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import PerTokenWiring, handover_matrix, per_token_weighted_sum, rms_normalized
+from ..dtypes import promoted_matmul
 from ..errors import UserInputError
 
 
@@ -40,8 +41,8 @@ class DenseWeights(nn.Module):
         self.static = nn.Parameter(static)  # (S,): one-hot on the newest state
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = rms_normalized(x, self.eps)  # (..., D), float32
-        return F.gelu(normed @ self.w1.t()) @ self.w2.t() + self.static  # (..., S)
+        normed = rms_normalized(x, self.eps)  # (..., D), float32 or better
+        return promoted_matmul(F.gelu(promoted_matmul(normed, self.w1.t())), self.w2.t()) + self.static  # (..., S)
 
 
 @dataclass

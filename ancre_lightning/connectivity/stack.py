@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .aggregation import AGGREGATION_IMPLS, DEFAULT_AGGREGATION, AggregationImpl
 from .base import Connectivity
@@ -27,6 +29,14 @@ class ConnectedStack(nn.Module):
         aggregation: implementation of the weighted merge of static wirings: ``"auto"`` (default:
             fused where it pays, see :func:`~ancre_lightning.connectivity.aggregation.weighted_sum`),
             ``"loop"`` or ``"fused"``.
+        activation_checkpointing: recompute each layer in backward instead of keeping what it
+            saves for backward (attention, MLP hidden states): only the layers' inputs and the
+            wiring's own state (history, per-token weights, streams, stream maps) are kept; the
+            multi-stream wirings' per-token maps are recomputed too (``recompute_maps``: the
+            normalised streams and Sinkhorn rounds are not kept). The recomputation repeats the
+            same operations on the same inputs, so outputs and gradients are those of the plain
+            stack; random numbers (dropout) are replayed as drawn. Set it later with
+            :meth:`set_activation_checkpointing`.
     """
 
     def __init__(
@@ -34,6 +44,7 @@ class ConnectedStack(nn.Module):
         blocks: Sequence[nn.Module],
         connectivity: Connectivity,
         aggregation: AggregationImpl = DEFAULT_AGGREGATION,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         blocks = nn.ModuleList(blocks)
@@ -47,10 +58,36 @@ class ConnectedStack(nn.Module):
         self.blocks = blocks
         self.connectivity = connectivity
         self.aggregation = aggregation
+        self.activation_checkpointing = False
+        self.set_activation_checkpointing(activation_checkpointing)
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every layer in backward (``enabled``) or keep its activations.
+
+        Raises:
+            UserInputError: a layer holds BatchNorm, whose running statistics the recomputation
+                would update a second time in every training step.
+        """
+        if enabled:
+            norms = [type(m).__name__ for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms:
+                raise UserInputError(
+                    f"activation checkpointing recomputes each layer in backward, and these layers hold {norms[0]}, whose "
+                    "running statistics would be updated twice per step; turn activation_checkpointing off for this model "
+                    "(or use one with LayerNorm / RMSNorm / GroupNorm)"
+                )
+        self.activation_checkpointing = bool(enabled)
+        self.connectivity.recompute_maps = bool(enabled)
+
+    def run_layer(self, layer: Callable[..., Tensor], h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``layer(h, *args, **kwargs)``, recomputed in backward under activation checkpointing."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, h, *args, use_reentrant=False, **kwargs)  # (..., D)
+        return layer(h, *args, **kwargs)  # (..., D)
 
     def forward(self, x: Tensor, *args: Any, return_exits: bool = False, **kwargs: Any) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Run the stack.
@@ -68,7 +105,7 @@ class ConnectedStack(nn.Module):
         state = conn.begin(x, self.aggregation, return_exits)  # history or streams, local to this call
         exits: list[Tensor] = [conn.exit(state)] if return_exits else []
         for j, block in enumerate(self.blocks):
-            u = block(conn.layer_input(state, j), *args, **kwargs)  # (..., D)
+            u = self.run_layer(block, conn.layer_input(state, j), *args, **kwargs)  # (..., D)
             conn.advance(state, j, u)
             if return_exits:
                 exits.append(conn.exit(state))
@@ -79,4 +116,5 @@ class ConnectedStack(nn.Module):
         return out, exits
 
     def extra_repr(self) -> str:
-        return f"aggregation={self.aggregation}"
+        checkpointed = ", activation_checkpointing=True" if self.activation_checkpointing else ""
+        return f"aggregation={self.aggregation}{checkpointed}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .base import PerTokenWiring, compute_dtype
 from ..errors import UserInputError
@@ -101,7 +102,12 @@ class StreamWiring(PerTokenWiring):
         return state
 
     def layer_input(self, state: StreamState, j: int) -> Tensor:
-        state.maps = self.maps(state.streams, j)
+        if self.recompute_maps and self.per_token and torch.is_grad_enabled():
+            # keep the maps, (..., n) and (..., n, n), not what computing them saved (the normalised
+            # streams, every Sinkhorn round): backward computes them once more (the mHC paper's recompute)
+            state.maps = checkpoint(self.maps, state.streams, j, use_reentrant=False)
+        else:
+            state.maps = self.maps(state.streams, j)
         pre = state.maps[0]
         if state.unrolled is not None and j > 0:
             self._remember(state, pre)  # row j-1: the input of layer j

@@ -101,6 +101,15 @@ class ConnectivityModule(L.LightningModule):
             raise AttributeError(f"{type(self).__name__} has {len(found)} connectivities; use connectivities()")
         return found[0]
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every layer of every wired stack in backward (``enabled``), keeping the
+        wiring's state; see :meth:`ConnectedStack.set_activation_checkpointing`."""
+        stacks = [m for m in self.net.modules() if isinstance(m, ConnectedStack)]
+        if enabled and not stacks:
+            raise UserInputError(f"activation_checkpointing: {type(self.net).__name__} has no wired stack of layers to recompute")
+        for stack in stacks:
+            stack.set_activation_checkpointing(enabled)
+
     def gate_parameters(self) -> list[nn.Parameter]:
         """The learned wiring parameters of every connectivity."""
         return [p for c in self.connectivities().values() for p in c.gate_parameters()]

@@ -157,6 +157,9 @@ class ClassifierModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        activation_checkpointing: recompute each layer of the stack in backward instead of keeping
+            its activations (attention, MLP hidden states): less memory for one more forward of the
+            blocks; the wiring's own state is kept, so outputs and gradients are unchanged.
     """
 
     exit_task = "classification"
@@ -203,6 +206,7 @@ class ClassifierModule(ConnectivityModule):
         gate_lr: float | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         if arch not in ARCHS:
@@ -243,6 +247,7 @@ class ClassifierModule(ConnectivityModule):
             timm_options=timm_options,
             pretrained_weights=pretrained_weights,
         )
+        self.set_activation_checkpointing(activation_checkpointing)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.mixup = None

@@ -144,6 +144,9 @@ class DiffusionModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        activation_checkpointing: recompute each layer of the stack in backward instead of keeping
+            its activations (attention, MLP hidden states): less memory for one more forward of the
+            blocks; the wiring's own state is kept, so outputs and gradients are unchanged.
         fid_num_samples: at every validation (not the sanity check), sample this many images with
             the EMA weights, the sampler and ``sample_steps`` (split over the DDP processes, labels
             cycling over the classes, seeded by ``eval_seed``) and log ``val/fid`` and ``val/kid``
@@ -190,6 +193,7 @@ class DiffusionModule(ConnectivityModule):
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
         fid_num_samples: int = 0,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "Set prediction_type accordingly.")
@@ -222,6 +226,7 @@ class DiffusionModule(ConnectivityModule):
             aggregation=aggregation,
             granularity=granularity,
         )
+        self.set_activation_checkpointing(activation_checkpointing)
         if guidance_scale != 1.0 and not self.net.supports_guidance:
             raise UserInputError(
                 f"guidance_scale={guidance_scale} needs a class-conditional model trained with class_dropout > 0 "

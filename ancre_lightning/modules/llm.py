@@ -139,6 +139,9 @@ class LLMModule(ConnectivityModule):
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
+        activation_checkpointing: recompute each layer of the stack in backward instead of keeping
+            its activations (attention, MLP hidden states): less memory for one more forward of the
+            blocks; the wiring's own state is kept, so outputs and gradients are unchanged.
         hf_config: train a Hugging Face transformers causal LM instead of the built-in model: the
             settings of its config with their ``model_type`` (e.g. ``{model_type: llama,
             hidden_size: 128, num_hidden_layers: 6, ...}``, what a ``config.json`` holds), or the
@@ -181,6 +184,7 @@ class LLMModule(ConnectivityModule):
         loss_chunk_tokens: int | None = None,
         hf_config: dict[str, Any] | str | None = None,
         hf_weights: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise UserInputError(
@@ -200,6 +204,7 @@ class LLMModule(ConnectivityModule):
         else:
             self.net = self._builtin_net(vocab_size, dim, n_layers, n_heads, mlp_hidden, max_seq_len, connectivity,
                                          connectivity_options, aggregation, granularity, dropout, tie_embeddings)  # fmt: skip
+        self.set_activation_checkpointing(activation_checkpointing)
         self.loss_chunk_tokens = resolve_loss_chunk_tokens(loss_chunk_tokens, vocab_size)
         self.val_loss = MeanMetric()
         self.val_ppl = ExpMeanMetric()
