@@ -210,3 +210,24 @@ def test_memory_on_cpu_says_so_when_the_private_profiler_api_changes(monkeypatch
     monkeypatch.setattr(torch.profiler, "profile", ChangedProfile)
     with pytest.raises(RuntimeError, match="private profiler API.*kineto_results"):
         memory.peak_bytes(step, torch.device("cpu"))
+
+
+def test_hf_llama_rows_are_transformers_llama_of_the_benchmark_shape():
+    """``hf-llama`` is transformers' own Llama (its ModuleList, no wiring) and ``hf-llama-rewired`` the
+    same weights rewired with residual: the same logits, bit for bit; the step trains it."""
+    pytest.importorskip("transformers")
+    from ancre_lightning.rewiring import RewiredBlocks
+
+    plain, _ = build_llm("hf-llama", "eager", LLM_QUICK, torch.device("cpu"))
+    rewired, _ = build_llm("hf-llama-rewired", "eager", LLM_QUICK, torch.device("cpu"))
+    layers = plain.net.model.model.layers
+    assert type(layers) is torch.nn.ModuleList and len(layers) == LLM_QUICK["n_layers"]
+    assert isinstance(rewired.net.model.model.layers, RewiredBlocks)
+    assert plain.net.model.config.hidden_size == LLM_QUICK["dim"]
+    input_ids, labels = random_batch(LLM_QUICK, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(plain.net(input_ids), rewired.net(input_ids))
+    module, optimizer = build_llm("hf-llama", "eager", LLM_QUICK, torch.device("cpu"))
+    before = module.net.model.lm_head.weight.detach().clone()
+    train_step_fn(module, optimizer, (input_ids, labels), torch.device("cpu"), "32-true")()
+    assert not torch.equal(module.net.model.lm_head.weight, before)

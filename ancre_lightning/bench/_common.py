@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import platform
 import statistics
@@ -226,6 +228,26 @@ WIRINGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "mudd": ("mudd", {}, "block"),
 }
 CONNECTIVITIES = tuple(WIRINGS)
+#: The peers from Hugging Face transformers, rows beside the wirings: ``hf-llama`` is
+#: ``LlamaForCausalLM`` of the benchmark shape as transformers runs it (the yardstick of the stack's
+#: own cost), ``hf-llama-rewired`` the same model rewired with ``residual`` (what ``rewire`` adds).
+HF_PEERS = ("hf-llama", "hf-llama-rewired")
+
+
+def transformers_available() -> bool:
+    """Whether the optional transformers (>= 5) is installed, for the HF-Llama rows."""
+    try:
+        from ..rewiring_transformers import require_transformers
+
+        require_transformers()
+        return True
+    except Exception:
+        return False
+
+
+def default_connectivities() -> tuple[str, ...]:
+    """Every wiring, and the HF-Llama peer when transformers is installed."""
+    return CONNECTIVITIES + (("hf-llama",) if transformers_available() else ())
 #: eager: the model runs eagerly, every merge is our fused kernel; compile: the whole inner network
 #: compiled in place (the ``compile: true`` path); compile-graphs: the same with CUDA graphs
 #: (``compile: reduce-overhead``; on a CPU the same as compile); eager-loop: eager with the plain
@@ -269,8 +291,11 @@ def build_llm(
 
     if mode not in MODES:
         raise UserInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if connectivity in HF_PEERS:
+        return _build_hf_llama(connectivity == "hf-llama-rewired", mode, shape, device, seed, fused_optimizer,
+                               activation_checkpointing)  # fmt: skip
     if connectivity not in WIRINGS:
-        raise UserInputError(f"unknown wiring {connectivity!r}; the benchmark knows {', '.join(WIRINGS)}")
+        raise UserInputError(f"unknown wiring {connectivity!r}; the benchmark knows {', '.join((*WIRINGS, *HF_PEERS))}")
     name, options, granularity = WIRINGS[connectivity]
     torch.manual_seed(seed)
     module = LLMModule(
@@ -288,6 +313,38 @@ def build_llm(
         fused_optimizer=fused_optimizer,
         activation_checkpointing=activation_checkpointing,
     ).to(device)
+    store_as(module, shape["precision"])
+    module.configure_model()
+    return module, module.build_optimizer()
+
+
+def _build_hf_llama(rewired: bool, mode: str, shape: Mapping[str, Any], device: torch.device, seed: int,
+                    fused_optimizer: bool, activation_checkpointing: bool):  # fmt: skip
+    """``LlamaForCausalLM`` of the benchmark shape (the built-in model's: SwiGLU hidden, RMSNorm
+    epsilon 1e-5, rotary base 10000, untied head) inside an LLMModule, so that it is stepped, compiled
+    and optimised exactly as the wirings are; without ``rewired`` its decoder stack is transformers'
+    own ModuleList again."""
+    from ..modules import LLMModule
+    from ..rewiring import RewiredBlocks
+
+    if activation_checkpointing and not rewired:
+        raise UserInputError("the plain hf-llama row has no wired stack to recompute; use hf-llama-rewired")
+    dim = shape["dim"]
+    config = {
+        "model_type": "llama", "vocab_size": 257, "hidden_size": dim, "num_hidden_layers": shape["n_layers"],
+        "intermediate_size": shape["mlp_hidden"] or 64 * math.ceil(8 * dim / 3 / 64),
+        "num_attention_heads": shape["n_heads"], "num_key_value_heads": shape["n_heads"],
+        "max_position_embeddings": shape["seq_len"], "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    }  # fmt: skip
+    torch.manual_seed(seed)
+    module = LLMModule(vocab_size=257, hf_config=config, connectivity="residual", compile=_COMPILE_OPTION[mode],
+                       fused_optimizer=fused_optimizer, activation_checkpointing=activation_checkpointing)  # fmt: skip
+    if not rewired:
+        base = module.net.model.model
+        stack = base.layers
+        assert isinstance(stack, RewiredBlocks)
+        base.layers = torch.nn.ModuleList(stack._plain())  # transformers' own loop over its own blocks
+    module.to(device)
     store_as(module, shape["precision"])
     module.configure_model()
     return module, module.build_optimizer()

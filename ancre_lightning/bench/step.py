@@ -13,6 +13,11 @@ place, the ``compile: true`` path), ``compile-graphs`` (the same replayed as CUD
 ``compile: reduce-overhead`` path; run by default on a GPU only, on a CPU it equals ``compile``),
 ``eager-loop`` (eager with the plain loop merge; not run by default). The optimiser is the
 module's own (fused AdamW by default; ``--set step.fused_optimizer=false`` times the foreach one).
+
+With transformers installed, the rows include ``hf-llama``: transformers' ``LlamaForCausalLM`` of the
+same shape, stepped, compiled and optimised the same way, so that a regression of the stack against
+the field's reference implementation shows in every run (target: residual at least as fast);
+``hf-llama-rewired`` (the same model rewired with ``residual``, what ``rewire`` costs) on request.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 import torch
 
 from ._common import (
-    CONNECTIVITIES,
     LLM_QUICK,
     MODEL_KEYS,
     build_llm,
+    default_connectivities,
     format_table,
     interleaved_times,
     llm_shape,
@@ -43,7 +48,8 @@ from ._common import (
 NAME = "step"
 #: ``modes: None`` = eager and compile, plus compile-graphs on a GPU.
 #: ``checkpointing: [false, true]`` also times every wiring with activation checkpointing.
-FULL: dict[str, Any] = {"connectivities": CONNECTIVITIES, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True,
+#: ``connectivities: None`` = every wiring, and the HF-Llama peer when transformers is installed.
+FULL: dict[str, Any] = {"connectivities": None, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True,
                         "checkpointing": (False,)}
 QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "reps": 2, "warmup": 1}
 #: The step-overhead target per compiled mode (ANCRe: 3 % on CPU, under 1 % on GPU).
@@ -55,7 +61,7 @@ FAMILY_LIMITS = {"attnres-block": 0.05, "attnres": 0.10, "hyper": 0.10, "hyper-d
 
 def run(
     device: torch.device,
-    connectivities: Sequence[str] = FULL["connectivities"],
+    connectivities: Sequence[str] | None = FULL["connectivities"],
     modes: Sequence[str] | None = FULL["modes"],
     reps: int = FULL["reps"],
     warmup: int = FULL["warmup"],
@@ -65,6 +71,8 @@ def run(
 ) -> dict[str, Any]:
     if modes is None:
         modes = ("eager", "compile", "compile-graphs") if device.type == "cuda" else ("eager", "compile")
+    if connectivities is None:
+        connectivities = default_connectivities()
     shape = {**llm_shape(device), **{k: v for k, v in shape_overrides.items() if k in MODEL_KEYS}}
     batch = random_batch(shape, device)
     tokens = shape["batch_size"] * shape["seq_len"]
@@ -113,6 +121,12 @@ def run(
         for mode in COMPILED_MODES
         if (mode, conn) in pick and pick[mode, conn]["overhead_vs_residual"] is not None
     ]
+    targets += [  # the stack costs nothing over transformers' own Llama of the same shape
+        target(f"residual speed vs hf-llama, {mode}", pick[mode, "hf-llama"]["median_s"] / pick[mode, "residual"]["median_s"],
+               ">=", 1.0)
+        for mode in COMPILED_MODES
+        if (mode, "hf-llama") in pick and (mode, "residual") in pick
+    ]  # fmt: skip
     return {
         "settings": {**shape, "connectivities": list(connectivities), "modes": list(modes), "reps": reps,
                      "warmup": warmup, "fused_optimizer": fused_optimizer, "tokens_per_step": tokens, "device": str(device),
