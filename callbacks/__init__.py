@@ -10,6 +10,8 @@
   in ``ancre fit``).
 - :class:`StreamGrowth`: the RMS of the residual stream after every layer at each validation
   (on by default in ``ancre fit``).
+- :class:`ThroughputMonitor`: Lightning's throughput monitor for these modules: samples, tokens
+  and FLOPs per second, and MFU where the device's peak is known.
 - :class:`LineProgressBar`: progress as a plain line every so many steps and after each
   validation (what ``ancre`` uses when its output is not a terminal).
 
@@ -33,6 +35,7 @@ from .sparsity import GateSparsity, shortcut_penalty
 from .stream import StreamGrowth, stream_mean_squares
 from .summary import ParameterSummary
 from .temperature import GateTemperatureAnnealing, annealed_temperature
+from .throughput import ThroughputMonitor
 from .visualization import GateVisualization
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "GateSparsity",
     "GateTemperatureAnnealing",
     "GateVisualization",
+    "ThroughputMonitor",
     "LineProgressBar",
     "ParameterSummary",
     "StreamGrowth",

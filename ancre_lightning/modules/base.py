@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import zipfile
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from .schedule import WarmupCosine
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 _CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+log = logging.getLogger(__name__)
 
 
 class ConnectivityModule(L.LightningModule):
@@ -167,9 +169,52 @@ class ConnectivityModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.mark_cuda_graph_step()
+        self._flops_batch = (batch, True)
+
+    # --- FLOPs, for Lightning's ThroughputMonitor ------------------------------------------------
+    #: hyper-parameters naming files that a FLOPs twin must not read (its weights are never used)
+    _WEIGHT_FILE_HPARAMS = ("hf_weights", "pretrained_weights")
+
+    def flops_loss(self, batch: Any) -> Tensor:
+        """The scalar a training step differentiates, from ``batch`` (the domain's loss without
+        logging or random augmentation); what :meth:`count_flops` measures."""
+        raise NotImplementedError
+
+    def count_flops(self, batch: Any, train: bool = True) -> int | None:
+        """FLOPs of one step on a batch shaped like ``batch``: forward and backward (``train``) or
+        the forward alone, per device, counted by Lightning's ``measure_flops`` on a copy of the
+        network on the meta device (nothing is computed, no random number is drawn; matrix
+        products and attention are counted, elementwise operations are not). Cached by shape;
+        None when the network cannot be built on the meta device."""
+        key = (_shape_key(batch), train)
+        cache = self.__dict__.setdefault("_flops_cache", {})
+        if key not in cache:
+            from lightning.fabric.utilities.throughput import measure_flops
+
+            try:
+                hparams = {k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")}
+                hparams.update({k: None for k in self._WEIGHT_FILE_HPARAMS if k in hparams}, compile=False)
+                with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks under inference mode
+                    meta = _to_meta(batch)
+                    with torch.device("meta"):
+                        twin = type(self)(**hparams)
+                    flops = measure_flops(twin.net, lambda: twin.flops_loss(meta), (lambda loss: loss) if train else None)
+                cache[key] = int(flops)
+            except Exception as exc:  # an exotic network: no FLOPs, said once
+                log.warning("FLOPs of %s could not be counted on the meta device (%s); no TFLOP/s or MFU", type(self).__name__, exc)
+                cache[key] = None
+        return cache[key]
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the batch in progress (training: forward and backward; validation: forward),
+        read by Lightning's ``ThroughputMonitor`` (:class:`~ancre_lightning.callbacks.ThroughputMonitor`)."""
+        batch, train = self.__dict__.get("_flops_batch", (None, True))
+        return None if batch is None else self.count_flops(batch, train)
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark_cuda_graph_step()
+        self._flops_batch = (batch, False)
         if batch_idx == 0 and dataloader_idx == 0 and self._trainer is not None and not self.trainer.sanity_checking:
             # Validation metrics are logged at the number of optimiser steps taken (trainer.global_step),
             # the step the console, the checkpoints and the gate pictures name: Lightning would log
@@ -461,3 +506,25 @@ def check_checkpoint_for_config(path: str | os.PathLike[str], class_path: str, i
             f"--ckpt_path {str(path)!r} does not fit the configured model: {problem}. Use the configuration "
             "it was trained with (config.yaml in its log folder), or leave out --ckpt_path to start afresh"
         )
+
+
+def _to_meta(batch: Any) -> Any:
+    """``batch`` with every tensor replaced by an empty one of its shape and dtype on the meta device."""
+    if isinstance(batch, Tensor):
+        return torch.empty(batch.shape, dtype=batch.dtype, device="meta")
+    if isinstance(batch, dict):
+        return {k: _to_meta(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_meta(v) for v in batch)
+    return batch
+
+
+def _shape_key(batch: Any) -> Any:
+    """A hashable description of the shapes of ``batch``."""
+    if isinstance(batch, Tensor):
+        return tuple(batch.shape)
+    if isinstance(batch, dict):
+        return tuple(sorted((k, _shape_key(v)) for k, v in batch.items()))
+    if isinstance(batch, (tuple, list)):
+        return tuple(_shape_key(v) for v in batch)
+    return None

@@ -331,6 +331,11 @@ class ClassifierModule(ConnectivityModule):
             )
 
     # --- steps -------------------------------------------------------------------------------
+    def flops_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Cross-entropy of the logits (Mixup and label smoothing change no FLOPs worth counting)."""
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch  # (B, C, H, W), (B,)
         if self.mixup is not None:

@@ -323,6 +323,12 @@ class DiffusionModule(ConnectivityModule):
                 f"--model.init_args.image_size {size} (or the data's image_size {hp.image_size})"
             )
 
+    def flops_loss(self, batch: Any) -> Tensor:
+        """The denoising loss of the batch at fixed noise and timesteps (the same network calls)."""
+        images, labels = self.unpack(batch)
+        timesteps = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)  # (B,)
+        return self.denoising_loss(self.net, images, labels, torch.zeros_like(images), timesteps)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = self.unpack(batch)
         noise = torch.randn_like(images)  # (B, C, H, W)

@@ -388,6 +388,11 @@ class LLMModule(ConnectivityModule):
         total = chunked_cross_entropy(hidden, batch["labels"], self.net.forward_head, self.loss_chunk_tokens)
         return total / batch["labels"].numel()
 
+    def flops_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The mean next-token loss (:meth:`next_token_loss`), for :meth:`count_flops`. (A
+        transformers model's masking inspects values, which the meta device cannot: no FLOPs.)"""
+        return self.next_token_loss(batch)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.next_token_loss(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
