@@ -226,8 +226,11 @@ WIRINGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "hyper-dynamic": ("hyper", {"streams": 4, "dynamic": True}, "sublayer"),
     "mhc": ("mhc", {"streams": 4}, "sublayer"),
     "mudd": ("mudd", {}, "block"),
+    # on request (not in the default rows): the per-token stream maps recomputed in backward
+    "hyper-dynamic-recompute": ("hyper", {"streams": 4, "dynamic": True, "recompute_maps": True}, "sublayer"),
+    "mhc-recompute": ("mhc", {"streams": 4, "recompute_maps": True}, "sublayer"),
 }
-CONNECTIVITIES = tuple(WIRINGS)
+CONNECTIVITIES = tuple(name for name in WIRINGS if not name.endswith("-recompute"))
 #: The peers from Hugging Face transformers, rows beside the wirings: ``hf-llama`` is
 #: ``LlamaForCausalLM`` of the benchmark shape as transformers runs it (the yardstick of the stack's
 #: own cost), ``hf-llama-rewired`` the same model rewired with ``residual`` (what ``rewire`` adds).

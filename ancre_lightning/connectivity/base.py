@@ -57,8 +57,9 @@ class Connectivity(nn.Module):
         supports_sparsity: a sparsity penalty on ``coefficients()`` means something (the
             entries are the learned weights themselves).
         recompute_maps: recompute the per-token maps in backward instead of keeping what they save
-            (the stream maps of dynamic hyper-connections and mHC with their Sinkhorn rounds);
-            set with the stack's activation checkpointing.
+            (the stream maps of dynamic hyper-connections and mHC with their Sinkhorn rounds): the
+            option of those wirings.
+        recompute_with_layers: the same, set by the stack's activation checkpointing.
     """
 
     name: str = "base"
@@ -67,6 +68,7 @@ class Connectivity(nn.Module):
     num_streams: int = 1
     supports_sparsity: bool = False
     recompute_maps: bool = False
+    recompute_with_layers: bool = False
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()

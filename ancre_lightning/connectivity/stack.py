@@ -32,7 +32,7 @@ class ConnectedStack(nn.Module):
         activation_checkpointing: recompute each layer in backward instead of keeping what it
             saves for backward (attention, MLP hidden states): only the layers' inputs and the
             wiring's own state (history, per-token weights, streams, stream maps) are kept; the
-            multi-stream wirings' per-token maps are recomputed too (``recompute_maps``: the
+            multi-stream wirings' per-token maps are recomputed too (as with their ``recompute_maps``: the
             normalised streams and Sinkhorn rounds are not kept). The recomputation repeats the
             same operations on the same inputs, so outputs and gradients are those of the plain
             stack; random numbers (dropout) are replayed as drawn. Set it later with
@@ -81,7 +81,7 @@ class ConnectedStack(nn.Module):
                     "(or use one with LayerNorm / RMSNorm / GroupNorm)"
                 )
         self.activation_checkpointing = bool(enabled)
-        self.connectivity.recompute_maps = bool(enabled)
+        self.connectivity.recompute_with_layers = bool(enabled)
 
     def run_layer(self, layer: Callable[..., Tensor], h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``layer(h, *args, **kwargs)``, recomputed in backward under activation checkpointing."""

@@ -102,7 +102,7 @@ class StreamWiring(PerTokenWiring):
         return state
 
     def layer_input(self, state: StreamState, j: int) -> Tensor:
-        if self.recompute_maps and self.per_token and torch.is_grad_enabled():
+        if (self.recompute_maps or self.recompute_with_layers) and self.per_token and torch.is_grad_enabled():
             # keep the maps, (..., n) and (..., n, n), not what computing them saved (the normalised
             # streams, every Sinkhorn round): backward computes them once more (the mHC paper's recompute)
             state.maps = checkpoint(self.maps, state.streams, j, use_reentrant=False)
