@@ -6,6 +6,8 @@ one clear line. (rewire on transformers models itself: tests/test_rewire_transfo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,3 +164,20 @@ def test_config_json_path_in_yaml(tmp_path):
     loss = module.lm_loss(module(torch.randint(0, 257, (2, 8))), torch.randint(0, 257, (2, 8)))
     loss.backward()
     assert all(p.grad is not None for p in module.connectivity.parameters() if p.requires_grad)
+
+
+def test_the_hf_rewire_report_script_runs_as_typed(tmp_path):
+    """``python experiments/hf_rewire_report.py`` (the README's command) at a tiny size: the JSON
+    names every wiring, residual is exactly the unwired model, and cached generation matches."""
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(CONFIGS.parent / "experiments" / "hf_rewire_report.py"), "--out", str(out), "--layers", "2",
+           "--hidden", "32", "--heads", "2", "--intermediate", "64", "--vocab", "64", "--seq", "8",
+           "--prompt-tokens", "4", "--new-tokens", "4", "--runs", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    wirings = {r["wiring"] for r in report["logits"]}
+    assert {"residual", "ancre", "denseformer", "hyper", "mhc", "mudd"} <= wirings
+    residual = next(r for r in report["logits"] if r["wiring"] == "residual")
+    assert residual["max_abs_diff"] == 0.0
+    assert report["generation"] and all(row["same_tokens_with_and_without_cache"] for row in report["generation"])
