@@ -48,7 +48,7 @@ from .connectivity.aggregation import AGGREGATION_IMPLS, AggregationImpl
 from .connectivity.registry import keeps_inner_residual, needs_width
 from .errors import UserInputError, load_failure, state_mismatch_examples
 from .models.sublayer import check_granularity
-from .rewiring_transformers import SPLITS_BY_NAME, is_transformers_model, require_transformers, transformers_width
+from .rewiring_transformers import SPLITS_BY_NAME, is_transformers_model, require_transformers
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ class RewiredBlocks(ConnectedStack):
         self.transitions = int(transitions)
         self._layers = list(layers)
         self._exits_as_batch = False
-        self.activation_checkpointing = False
 
     # --- what ConnectedStack.forward runs -----------------------------------------------------
     @property
@@ -398,12 +397,12 @@ def _what_it_has(model: nn.Module) -> str:
     )
 
 
-def _get_path(model: nn.Module, path: str) -> Any:
-    """``model.a.b`` for ``path="a.b"``, or None where an attribute is missing."""
-    found: Any = model
-    for name in path.split("."):
-        found = getattr(found, name, None)
-    return found
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """``model.get_submodule(path)``, or None where a module on the path is missing."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[str]:
@@ -425,7 +424,7 @@ def find_block_containers(model: nn.Module, blocks: str | Sequence[str] | None =
                 )
         return paths
     for name in BLOCK_CONTAINERS:
-        found = _get_path(model, name)
+        found = _submodule(model, name)
         if isinstance(found, RewiredBlocks):
             raise UserInputError(f"rewire: {type(model).__name__}.{name} is already rewired; rewire a fresh model")
         if _sequence(found):
@@ -507,7 +506,7 @@ def rewire(
         dim: width D of the states for the wirings with per-token weights (attnres, hyper, mhc,
             mudd); by default the block's first LayerNorm-like norm, else the model's
             ``embed_dim`` / ``inner_dim`` / ``hidden_size`` / ``d_model`` / ``num_features`` /
-            ``n_embd``, else its transformers config's ``hidden_size`` / ``n_embd``.
+            ``n_embd``, else the same attribute of its ``config`` (transformers models).
         activation_checkpointing: recompute each wired layer in backward (the wiring's own state
             is kept, never recomputed); see :meth:`ConnectedStack.set_activation_checkpointing`.
             The model's own gradient checkpointing must be off (it would recompute blocks
@@ -591,8 +590,8 @@ def _wire(model: nn.Module, path: str, wired: list[nn.Module], key: str, sublaye
         for part in parts:
             layers.append(block if part == "block" and inner else _Layer(block, split, part, inner))
     if needs_width(key):
-        width = (dim or width or next((int(getattr(model, a)) for a in WIDTH_ATTRIBUTES if isinstance(getattr(model, a, None), int)), None)
-                 or transformers_width(model))  # fmt: skip
+        holders = (model, getattr(model, "config", None))  # the model, then a transformers model's config
+        width = dim or width or next((int(getattr(h, a)) for h in holders for a in WIDTH_ATTRIBUTES if isinstance(getattr(h, a, None), int)), None)
         if width is None:
             raise UserInputError(
                 f"rewire: connectivity {key!r} needs the width D of the states and none was found in the blocks of "

@@ -122,12 +122,3 @@ def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` is (or holds at its top) a transformers ``PreTrainedModel``."""
     return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
 
-
-def transformers_width(model: nn.Module) -> int | None:
-    """The hidden size of a transformers model, from its config (``hidden_size`` / ``n_embd``)."""
-    config = getattr(model, "config", None)
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import os
 import platform
 import statistics
@@ -327,6 +325,7 @@ def _build_hf_llama(rewired: bool, mode: str, shape: Mapping[str, Any], device: 
     epsilon 1e-5, rotary base 10000, untied head) inside an LLMModule, so that it is stepped, compiled
     and optimised exactly as the wirings are; without ``rewired`` its decoder stack is transformers'
     own ModuleList again."""
+    from ..models.llama import default_mlp_hidden
     from ..modules import LLMModule
     from ..rewiring import RewiredBlocks
 
@@ -335,7 +334,7 @@ def _build_hf_llama(rewired: bool, mode: str, shape: Mapping[str, Any], device: 
     dim = shape["dim"]
     config = {
         "model_type": "llama", "vocab_size": 257, "hidden_size": dim, "num_hidden_layers": shape["n_layers"],
-        "intermediate_size": shape["mlp_hidden"] or 64 * math.ceil(8 * dim / 3 / 64),
+        "intermediate_size": shape["mlp_hidden"] or default_mlp_hidden(dim),
         "num_attention_heads": shape["n_heads"], "num_key_value_heads": shape["n_heads"],
         "max_position_embeddings": shape["seq_len"], "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
     }  # fmt: skip

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StaticWiring, compute_dtype, handover_matrix
+from .base import StaticWiring, handover_matrix
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 
 Normalization = Literal["incoming", "outgoing"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import PerTokenWiring, compute_dtype, per_token_weighted_sum
-from ..dtypes import promoted_matmul
+from .base import PerTokenWiring, per_token_weighted_sum
+from ..dtypes import compute_dtype, promoted_matmul
 from ..errors import UserInputError
 
 

@@ -36,9 +36,9 @@ class HyperConnections(StreamWiring):
         dynamic: per-token maps (``s * tanh(RMSNorm(H_s) W)`` added to the static ones).
         eps: epsilon of the RMSNorm of the dynamic maps.
         recompute_maps: recompute the per-token maps in backward instead of keeping what they
-            save (the normalised streams): the same gradients, less memory (at 12 x 256,
-            T 256, B 8: dynamic, 1.77x -> 1.43x residual's peak step memory), one more computation of the maps per step. Always on under
-            activation checkpointing.
+            save (the normalised streams): the same gradients, less memory (at 12 x 256, T 256,
+            B 8: dynamic, 1.77x -> 1.43x residual's peak step memory), one more computation of
+            the maps per step. Always on under activation checkpointing.
     """
 
     name = "hyper"

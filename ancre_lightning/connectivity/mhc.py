@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import compute_dtype, rms_normalized
+from .base import rms_normalized
 from .streams import StreamWiring, check_streams
-from ..dtypes import promoted_matmul
+from ..dtypes import compute_dtype, promoted_matmul
 from ..errors import UserInputError
 
 MHCInit = Literal["residual", "uniform"]
@@ -66,9 +66,10 @@ class ManifoldHyperConnections(StreamWiring):
             released model) or ``sum``.
         eps: epsilon of the RMSNorm over the flattened streams.
         recompute_maps: recompute the per-token maps in backward instead of keeping what they
-            save (the normalised streams and every Sinkhorn round; the paper's recompute): the same gradients, less memory (at 12 x 256,
-            T 256, B 8: 2.08x -> 1.47x residual's peak step memory), one more computation of the maps per step. Always on under
-            activation checkpointing.
+            save (the normalised streams and every Sinkhorn round; the paper's recompute): the
+            same gradients, less memory (at 12 x 256, T 256, B 8: 2.08x -> 1.47x residual's peak
+            step memory), one more computation of the maps per step. Always on under activation
+            checkpointing.
     """
 
     name = "mhc"

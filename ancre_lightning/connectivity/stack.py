@@ -39,6 +39,9 @@ class ConnectedStack(nn.Module):
             :meth:`set_activation_checkpointing`.
     """
 
+    #: recompute each layer in backward (:meth:`set_activation_checkpointing`)
+    activation_checkpointing: bool = False
+
     def __init__(
         self,
         blocks: Sequence[nn.Module],
@@ -58,7 +61,6 @@ class ConnectedStack(nn.Module):
         self.blocks = blocks
         self.connectivity = connectivity
         self.aggregation = aggregation
-        self.activation_checkpointing = False
         self.set_activation_checkpointing(activation_checkpointing)
 
     @property

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .base import PerTokenWiring, compute_dtype
+from .base import PerTokenWiring
+from ..dtypes import compute_dtype
 from ..errors import UserInputError
 
 

@@ -163,6 +163,8 @@ class HFCausalLM(nn.Module):
                             **(connectivity_options or {}))  # fmt: skip
         base = self.model.base_model
         self._norm_name = next((n for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+        # the forward's name for the KV cache: renamed from past_key_values during transformers 5
+        self._cache_keyword = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     # --- what LLMModule and the callbacks read ----------------------------------------------------
     @property
@@ -226,9 +228,7 @@ class HFCausalLM(nn.Module):
     def _cache_arguments(self, cache: HFKVCache | None) -> dict[str, Any]:
         if cache is None:
             return {"use_cache": False}
-        params = inspect.signature(self.model.base_model.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"  # renamed during transformers 5
-        return {"use_cache": True, name: cache.cache}
+        return {"use_cache": True, self._cache_keyword: cache.cache}
 
     def forward_features(self, input_ids: Tensor, return_exits: bool = False,
                          cache: HFKVCache | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:  # fmt: skip

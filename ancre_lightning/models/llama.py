@@ -40,6 +40,11 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def default_mlp_hidden(dim: int) -> int:
+    """The SwiGLU hidden width when none is given: 8/3 * dim rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * dim / 3 / 64)
+
+
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim // 2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
@@ -229,7 +234,7 @@ class CausalLM(nn.Module):
     ) -> None:
         super().__init__()
         if mlp_hidden is None:
-            mlp_hidden = 64 * math.ceil(8 * dim / 3 / 64)
+            mlp_hidden = default_mlp_hidden(dim)
         self.max_seq_len = max_seq_len
         self.n_heads = n_heads
         self.embed = nn.Embedding(vocab_size, dim)

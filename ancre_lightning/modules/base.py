@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lightning as L
+from lightning_utilities.core.apply_func import apply_to_collection
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -186,7 +187,7 @@ class ConnectivityModule(L.LightningModule):
         network on the meta device (nothing is computed, no random number is drawn; matrix
         products and attention are counted, elementwise operations are not). Cached by shape;
         None when the network cannot be built on the meta device."""
-        key = (_shape_key(batch), train)
+        key = (repr(apply_to_collection(batch, Tensor, lambda t: tuple(t.shape))), train)
         cache = self.__dict__.setdefault("_flops_cache", {})
         if key not in cache:
             from lightning.fabric.utilities.throughput import measure_flops
@@ -195,7 +196,7 @@ class ConnectivityModule(L.LightningModule):
                 hparams = {k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")}
                 hparams.update({k: None for k in self._WEIGHT_FILE_HPARAMS if k in hparams}, compile=False)
                 with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks under inference mode
-                    meta = _to_meta(batch)
+                    meta = apply_to_collection(batch, Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
                     with torch.device("meta"):
                         twin = type(self)(**hparams)
                     flops = measure_flops(twin.net, lambda: twin.flops_loss(meta), (lambda loss: loss) if train else None)
@@ -507,24 +508,3 @@ def check_checkpoint_for_config(path: str | os.PathLike[str], class_path: str, i
             "it was trained with (config.yaml in its log folder), or leave out --ckpt_path to start afresh"
         )
 
-
-def _to_meta(batch: Any) -> Any:
-    """``batch`` with every tensor replaced by an empty one of its shape and dtype on the meta device."""
-    if isinstance(batch, Tensor):
-        return torch.empty(batch.shape, dtype=batch.dtype, device="meta")
-    if isinstance(batch, dict):
-        return {k: _to_meta(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_meta(v) for v in batch)
-    return batch
-
-
-def _shape_key(batch: Any) -> Any:
-    """A hashable description of the shapes of ``batch``."""
-    if isinstance(batch, Tensor):
-        return tuple(batch.shape)
-    if isinstance(batch, dict):
-        return tuple(sorted((k, _shape_key(v)) for k, v in batch.items()))
-    if isinstance(batch, (tuple, list)):
-        return tuple(_shape_key(v) for v in batch)
-    return None

@@ -202,8 +202,11 @@ class LLMModule(ConnectivityModule):
             vocab_size = self.net.vocab_size
             self.hparams.vocab_size = vocab_size  # the model's, which may exceed the data's
         else:
-            self.net = self._builtin_net(vocab_size, dim, n_layers, n_heads, mlp_hidden, max_seq_len, connectivity,
-                                         connectivity_options, aggregation, granularity, dropout, tie_embeddings)  # fmt: skip
+            self.net = CausalLM(
+                vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, mlp_hidden=mlp_hidden, max_seq_len=max_seq_len,
+                connectivity=connectivity, connectivity_options=connectivity_options, aggregation=aggregation,
+                granularity=granularity, dropout=dropout, tie_embeddings=tie_embeddings,
+            )  # fmt: skip
         self.set_activation_checkpointing(activation_checkpointing)
         self.loss_chunk_tokens = resolve_loss_chunk_tokens(loss_chunk_tokens, vocab_size)
         self.val_loss = MeanMetric()
@@ -218,29 +221,10 @@ class LLMModule(ConnectivityModule):
         if vocab_size == ByteTokenizer.vocab_size:
             self.set_tokenizer(ByteTokenizer())
 
-    @staticmethod
-    def _builtin_net(vocab_size: int, dim: int, n_layers: int, n_heads: int, mlp_hidden: int | None, max_seq_len: int,
-                     connectivity: str, connectivity_options: dict[str, Any] | None, aggregation: AggregationImpl,
-                     granularity: Granularity, dropout: float, tie_embeddings: bool) -> CausalLM:  # fmt: skip
-        return CausalLM(
-            vocab_size,
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            mlp_hidden=mlp_hidden,
-            max_seq_len=max_seq_len,
-            connectivity=connectivity,
-            connectivity_options=connectivity_options,
-            aggregation=aggregation,
-            granularity=granularity,
-            dropout=dropout,
-            tie_embeddings=tie_embeddings,
-        )
-
     @property
     def max_seq_len(self) -> int | None:
         """The longest sequence the network accepts (a transformers config's positions, or ``max_seq_len``)."""
-        return self.net.max_seq_len if self.hparams.get("hf_config") else self.hparams.max_seq_len
+        return self.net.max_seq_len
 
     exit_task = "classification"
     exit_primary_metric = ("loss", False)
