@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import inspect
 import re
 import textwrap
+from collections.abc import Iterator
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import torch
 
 from .acn import AutoCompressing
 from .ancre import ANCRe
@@ -125,6 +130,11 @@ def build_connectivity(name: str, num_layers: int, dim: int | None = None, **opt
             queries and projections are D wide), ignored by the others.
         **options: the connectivity's own options (e.g. ``tau`` for ``ancre``).
 
+    The wiring draws its random initial values (projections) from a generator of its own
+    (:func:`own_random_stream`): building it leaves the default generator as it was, so the
+    layers, embeddings and heads built around it start from the same weights for one seed
+    whatever the wiring, and its own values are still the same for one seed.
+
     Raises:
         ValueError: unknown name or option, naming the valid ones.
     """
@@ -149,4 +159,34 @@ def build_connectivity(name: str, num_layers: int, dim: int | None = None, **opt
                 f"build_connectivity({key!r}, num_layers, dim=D)"
             )
         options = {"dim": int(dim), **options}
-    return CONNECTIVITIES[key](num_layers, **options)
+    with own_random_stream():
+        return CONNECTIVITIES[key](num_layers, **options)
+
+
+def wiring_seed() -> int:
+    """A seed for a wiring's own random draws, read from the state of the default generator
+    without advancing it: the same for every wiring built at the same point of a seeded program."""
+    state = torch.random.get_rng_state()  # (5056,) uint8, the CPU generator's state
+    return int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little")
+
+
+@contextlib.contextmanager
+def own_random_stream() -> Iterator[None]:
+    """Draw the random numbers of the code inside the ``with`` from a generator of their own.
+
+    The default generator (and, when new tensors are made on a CUDA device by default, that
+    device's generator) is seeded with :func:`wiring_seed` inside and restored afterwards, so what
+    is built inside is deterministic for a seed, and what is built after it draws the same numbers
+    whatever was built inside. :func:`build_connectivity` builds every wiring so: under one
+    ``torch.manual_seed`` the blocks, embeddings, norms and heads of a network start from the same
+    weights whatever its wiring draws (mHC's projections, MUDD's weight MLPs), and a comparison of
+    wirings on one seed differs in the wiring only.
+    """
+    seed = wiring_seed()
+    device = torch.empty(0).device  # where new tensors go by default (a device context, set_default_device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
