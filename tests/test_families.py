@@ -90,18 +90,23 @@ def rms_norm(v, gain, eps=1e-6):
     return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * gain
 
 
-def depth_attention(sources, query, gain):
-    """Per token: softmax_i(query . RMSNorm(source_i)) and the weighted sum of the raw sources."""
+def depth_attention(sources, query, gain, weight_sum="sources"):
+    """Per token: a = softmax_i(query . RMSNorm(source_i)) and the weighted sum of the raw sources,
+    scaled by the number of sources n under ``weight_sum: sources`` (the weights n * a: all ones at
+    zero queries, the residual sum), the average itself under ``one``. Returns the sum and its weights."""
     scores = torch.stack([(rms_norm(s, gain) * query).sum(-1) for s in sources], dim=-1)  # (..., n)
     a = torch.softmax(scores, dim=-1)
+    if weight_sum == "sources":
+        a = a * len(sources)
     return sum(a[..., i : i + 1] * s for i, s in enumerate(sources)), a
 
 
 def attnres_reference(stack, x):
     """Layers 1..L (the paper's numbering) in blocks of S; merge m (m = l-2 for layer l >= 2, L-1 for
-    the output) uses query m. Returns the output, the exits (h_1..h_L, output) and the weights."""
+    the output) uses query m (the parameter times ``query_scale``). Returns the output, the exits
+    (h_1..h_L, output) and the weights."""
     conn = stack.connectivity
-    q, g, size, layers = conn.queries, conn.key_gains, conn.block_size, len(stack.blocks)
+    q, g, size, layers = conn.queries * conn.query_scale, conn.key_gains, conn.block_size, len(stack.blocks)
     completed, partial, inputs, weights = [x], [], [x], []
     for l in range(1, layers + 1):
         v = stack.blocks[l - 1](inputs[-1])
@@ -110,30 +115,60 @@ def attnres_reference(stack, x):
             completed.append(sum(partial))
             partial = []
         sources = completed + ([sum(partial)] if partial else [])
-        h, a = depth_attention(sources, q[l - 1], g[l - 1])
+        h, a = depth_attention(sources, q[l - 1], g[l - 1], conn.weight_sum)
         inputs.append(h)
         weights.append(a)
     return inputs[-1], inputs, weights
 
 
+@pytest.mark.parametrize("weight_sum", ["sources", "one"])
 @pytest.mark.parametrize("k,block_size", [(1, 1), (4, 1), (5, 2), (6, 3), (4, 4)])
-def test_attnres_matches_reference(x64, k, block_size):
-    stack = make_stack64("attnres", k, block_size=block_size)
+def test_attnres_matches_reference(x64, k, block_size, weight_sum):
+    stack = make_stack64("attnres", k, block_size=block_size, weight_sum=weight_sum)
     assert not stack.connectivity.inner_residual and stack.connectivity.per_token
     randomize(stack.connectivity.gate_parameters())
     out, exits, _ = attnres_reference(stack, x64)
     check_against(stack, x64, out, exits)
 
 
-def test_attnres_zero_queries_is_the_uniform_average_over_depth(x):
+def test_attnres_query_scale_multiplies_the_queries(x64):
+    stack = make_stack64("attnres", 5, block_size=2, query_scale=0.1)
+    randomize(stack.connectivity.gate_parameters())
+    out, exits, _ = attnres_reference(stack, x64)
+    check_against(stack, x64, out, exits)
+    plain = make_stack64("attnres", 5, block_size=2)
+    plain.load_state_dict(stack.state_dict())
+    with torch.no_grad():
+        plain.connectivity.queries.mul_(0.1)
+    torch.testing.assert_close(plain(x64), out, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_attnres_zero_queries_give_the_residual_sum_or_the_uniform_average(x, block_size):
+    """Zero queries: every merge is the sum of everything so far (weight_sum: sources, the
+    residual stream h_0 + v_1 + .. + v_l) or that sum over the number of sources (one)."""
     k = 4
-    stack = make_stack("attnres", k)
-    vs, h = [x], x
-    for block in stack.blocks:
-        vs.append(block(h))
-        h = sum(vs) / len(vs)
-    torch.testing.assert_close(stack(x), h)
-    assert torch.equal(stack.connectivity.gate_parameters()[0], torch.zeros(k, D))
+    for weight_sum in ("sources", "one"):
+        stack = make_stack("attnres", k, block_size=block_size, weight_sum=weight_sum)
+        vs, h = [x], x
+        for l, block in enumerate(stack.blocks, start=1):
+            vs.append(block(h))
+            n_sources = 1 + l // block_size + (1 if l % block_size else 0)
+            h = sum(vs) if weight_sum == "sources" else sum(vs) / n_sources
+        torch.testing.assert_close(stack(x), h)
+        assert torch.equal(stack.connectivity.gate_parameters()[0], torch.zeros(k, D))
+
+
+def test_attnres_frozen_queries_are_buffers_that_keep_the_uniform_wiring(x):
+    stack = make_stack("attnres", 3, learn_queries=False)
+    conn = stack.connectivity
+    assert conn.gate_parameters() == [] and not list(conn.parameters())
+    assert set(conn.state_dict()) == {"queries", "key_gains"}  # the names of the learned ones: checkpoints load both ways
+    learned = make_stack("attnres", 3)
+    learned.load_state_dict(stack.state_dict())
+    torch.testing.assert_close(stack(x), learned(x))
+    stack(x).square().mean().backward()
+    assert torch.equal(conn.queries, torch.zeros(3, D))
 
 
 def test_attnres_coefficients_are_the_token_mean_of_the_weights(x):
@@ -141,9 +176,9 @@ def test_attnres_coefficients_are_the_token_mean_of_the_weights(x):
     stack = make_stack("attnres", k, block_size=size)
     randomize(stack.connectivity.gate_parameters(), seed=4)
     before = stack.connectivity.coefficients().clone()
-    for j in range(k):  # zero-query start: uniform over the sources (blocks, then the partial sum)
-        n_sources = 1 + (j + 1) // size + (1 if (j + 1) % size else 0)
-        torch.testing.assert_close(before[j, : j + 2], torch.full((j + 2,), 1 / n_sources))
+    for j in range(k):  # zero-query start: weight 1 on every source (n times the uniform 1 / n)
+        torch.testing.assert_close(before[j, : j + 2], torch.ones(j + 2))
+        assert before[j, j + 2 :].abs().sum() == 0
     stack(x)
     _, _, weights = attnres_reference(stack, x)
     mean, spread = stack.connectivity.coefficients(), stack.connectivity.coefficient_spread()
@@ -288,7 +323,27 @@ def test_mhc_residual_start_is_near_a_residual_network(x):
 
 # --- dynamic dense (MUDD, one view) ---------------------------------------------------------------
 def mudd_reference(stack, x):
-    """After block j: w = W2 GELU(W1 RMSNorm(X_{j+1})) + a_j; h_{j+1} = sum_i w_i X_i."""
+    """The pre- and post-norm form (the default), one stream: after block j, with X_0 = x and
+    X_{j+1} = Block_j(h_j),
+    w = W2 GELU(W1 (g_j * RMSNorm(X_{j+1}))) + a_j;  s = sum_i w_i n_i RMSNorm(X_i);
+    h_{j+1} = X_{j+1} + q_j * RMSNorm(s).  The gains n_i, q_j broadcast over channels."""
+    c = stack.connectivity
+    eps = c.eps
+    outputs, h, exits = [x], x, [x]
+    for j, block in enumerate(stack.blocks):
+        outputs.append(block(h))
+        m = c.weights[j]
+        w = torch.nn.functional.gelu((m.gain * plain_rms(outputs[-1], eps)) @ m.w1.t()) @ m.w2.t() + m.static  # (..., j+2)
+        s = torch.zeros_like(x)
+        for i in range(j + 2):
+            s = s + w[..., i : i + 1] * (c.state_gains[i] * plain_rms(outputs[i], eps))
+        h = outputs[-1] + c.post_gains[j] * plain_rms(s, eps)
+        exits.append(h)
+    return h, exits
+
+
+def mudd_plain_reference(stack, x):
+    """``norm: none``: after block j: w = W2 GELU(W1 RMSNorm(X_{j+1})) + a_j; h_{j+1} = sum_i w_i X_i."""
     c = stack.connectivity
     outputs, h, exits = [x], x, [x]
     for j, block in enumerate(stack.blocks):
@@ -300,17 +355,22 @@ def mudd_reference(stack, x):
     return h, exits
 
 
-@pytest.mark.parametrize("k,hidden", [(1, None), (4, None), (3, 5)])
-def test_mudd_matches_reference(x64, k, hidden):
-    stack = make_stack64("mudd", k, hidden=hidden)
+@pytest.mark.parametrize("k,options", [
+    (1, {}), (4, {}), (3, {"hidden": 5}), (4, {"channel_gains": True}), (3, {"post_gain": 0.5}),
+    (1, {"norm": "none"}), (4, {"norm": "none"}), (3, {"hidden": 5, "norm": "none"}),
+])  # fmt: skip
+def test_mudd_matches_reference(x64, k, options):
+    stack = make_stack64("mudd", k, **options)
     assert stack.connectivity.inner_residual
     randomize(stack.connectivity.gate_parameters(), scale=0.3)
-    out, exits = mudd_reference(stack, x64)
+    reference = mudd_plain_reference if options.get("norm") == "none" else mudd_reference
+    out, exits = reference(stack, x64)
     check_against(stack, x64, out, exits)
 
 
-def test_mudd_at_init_is_exactly_a_residual_network(x):
-    mudd, plain = make_stack("mudd", 5, seed=2), make_stack("residual", 5, seed=2)
+@pytest.mark.parametrize("options", [{}, {"norm": "none"}, {"channel_gains": True}])
+def test_mudd_at_init_is_exactly_a_residual_network(x, options):
+    mudd, plain = make_stack("mudd", 5, seed=2, **options), make_stack("residual", 5, seed=2)
     for hb, pb in zip(mudd.blocks, plain.blocks):
         hb.load_state_dict(pb.state_dict())
     out, exits = mudd(x, return_exits=True)
@@ -340,7 +400,7 @@ def test_each_family_matches_its_reference_in_float32(x, name):
 
 FAMILIES = [
     ("attnres", {}), ("attnres", {"block_size": 2}), ("hyper", {}), ("hyper", {"dynamic": True}),
-    ("mhc", {}), ("mudd", {}),
+    ("mhc", {}), ("mudd", {}), ("mudd", {"norm": "none"}),
 ]  # fmt: skip
 
 
@@ -424,7 +484,7 @@ MODEL_FAMILIES = [("attnres", {"block_size": 2}), ("hyper", {"dynamic": True}), 
 
 
 @pytest.mark.parametrize("name,options", MODEL_FAMILIES)
-def test_wiring_stays_float32_and_out_of_weight_decay_under_bf16_true(name, options):
+def test_wiring_stays_float32_under_bf16_true_and_only_its_projections_are_decayed(name, options):
     from ancre_lightning.modules import LLMModule
 
     module = LLMModule(dim=32, n_layers=2, n_heads=2, max_seq_len=16, connectivity=name,
@@ -434,8 +494,14 @@ def test_wiring_stays_float32_and_out_of_weight_decay_under_bf16_true(name, opti
     assert gates and all(p.dtype == torch.float32 for p in gates)
     assert module.net.embed.weight.dtype == torch.bfloat16
     groups = {g["name"]: g for g in module.parameter_groups()}
-    assert {id(p) for p in groups["gates"]["params"]} == {id(p) for p in gates}
+    projections = {id(p) for p in module.connectivity.projection_parameters()}  # decayed by default (wiring_weight_decay)
+    assert {id(p) for p in groups["gates"]["params"]} == {id(p) for p in gates} - projections
     assert groups["gates"]["weight_decay"] == 0.0
+    if projections:
+        assert {id(p) for p in groups["wiring_decay"]["params"]} == projections
+        assert groups["wiring_decay"]["weight_decay"] == module.weight_decay > 0
+    else:
+        assert "wiring_decay" not in groups
     named = dict(module.named_parameters())
     wiring = {n for n, p in named.items() if id(p) in {id(g) for g in gates}}
     assert wiring == {n for n in named if ".connectivity." in n}  # every wiring parameter is a gate

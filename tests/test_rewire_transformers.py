@@ -117,10 +117,12 @@ def test_rewire_finds_the_decoder_stack_by_itself(arch, granularity):
 #: Wiring parameters whose gradient is exactly zero at the start, and why:
 #: - attnres ``key_gains``: a merge's score is ``w_l . (g_l * RMSNorm(v))`` and the queries ``w_l``
 #:   start at zero, so d score / d g_l = w_l * RMSNorm(v) = 0;
-#: - mudd ``weights.j.w1``: the weights are ``W2 GELU(W1 RMSNorm(x)) + a`` with ``W2 = 0`` at the
-#:   start, so d w / d W1 = 0.
+#: - mudd ``weights.j.w1`` and ``weights.j.gain``: the weights are ``W2 GELU(W1 (g * RMSNorm(x))) + a``
+#:   with ``W2 = 0`` at the start, so d w / d W1 = d w / d g = 0; ``state_gains`` and ``post_gains``:
+#:   the merge adds ``q_j RMSNorm(sum_i w_i n_i RMSNorm(X_i))`` and every ``w_i`` starts at zero, so
+#:   the sum and its norm are zero and so are their derivatives by ``n_i`` and ``q_j``.
 #: One optimiser step moves the queries and W2 off zero; then every gradient must be nonzero.
-ZERO_GRADIENT_AT_START = {"attnres": ("key_gains",), "mudd": ("w1",)}
+ZERO_GRADIENT_AT_START = {"attnres": ("key_gains",), "mudd": ("w1", "gain", "state_gains", "post_gains")}
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
