@@ -238,11 +238,12 @@ class ResumeStateCallback(SaveConfigCallback):
 
 
 def find_last_checkpoint(folders: Iterable[Path]) -> Path | None:
-    """The newest (by modification time) ``last.ckpt`` / ``last-vN.ckpt`` in ``folders``."""
+    """The newest (by modification time) ``last.ckpt`` / ``last-vN.ckpt`` in ``folders``: a file, or
+    a folder of shards written under FSDP (with its ``meta.pt``)."""
     found = []
     for folder in folders:
         if folder.is_dir():
-            found += [p for p in folder.iterdir() if _LAST_NAME.match(p.name) and p.is_file()]
+            found += [p for p in folder.iterdir() if _LAST_NAME.match(p.name) and (p.is_file() or (p / "meta.pt").is_file())]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 

@@ -134,7 +134,7 @@ class FiniteGuard(Callback):
         bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)  # any rank
         if not bad:
             return
-        names = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        names = [name for name, t in tensors.items() if not bool(torch.isfinite(local_shard(t)).all())]
         self._fail(trainer, pl_module, tensors, names, step, when)
 
     def _fail(
@@ -203,7 +203,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     finite, the tensors are checked element-wise, so finite values whose norm overflows are never
     reported.
     """
-    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    floats = [local_shard(t.detach()) for t in tensors if t.is_floating_point()]
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in floats:
         by_device.setdefault(t.device, []).append(t)
@@ -214,10 +214,16 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return fast or all(bool(torch.isfinite(t).all()) for t in floats)
 
 
+def local_shard(tensor: Tensor) -> Tensor:
+    """This process's part of a tensor sharded by FSDP (a DTensor), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _describe(name: str, tensor: Tensor) -> str:
     """``train loss = nan`` or ``gate logits net.stack... (3 of 21 values nan/inf)``."""
     if tensor.numel() == 1:
         value = float(tensor.detach().float().cpu())
         return f"{name} = {'nan' if math.isnan(value) else value}"
+    tensor = local_shard(tensor)
     bad = int((~torch.isfinite(tensor)).sum())
     return f"{name} ({bad} of {tensor.numel()} values nan/inf)"

@@ -316,11 +316,12 @@ def scenarios() -> dict[str, Any]:
     return table
 
 
-def worker(out: Path, names: list[str]) -> None:
-    """One rank: run the scenarios in order and save ``{name: record}`` to ``out/rank<r>.pt``."""
+def worker(out: Path, names: list[str], table: dict[str, Any] | None = None) -> None:
+    """One rank: run the scenarios (of ``table``, default this file's) in order and save
+    ``{name: record}`` to ``out/rank<r>.pt``."""
     rank = int(os.environ["LOCAL_RANK"])
     torch.set_num_threads(1)
-    table = scenarios()
+    table = scenarios() if table is None else table
     results: dict[str, Any] = {}
     for name in names:
         start = time.perf_counter()
@@ -338,8 +339,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, names: list[str], timeout: float = 480) -> list[dict]:
-    """Start WORLD worker processes as torchrun would and return each rank's records."""
+def launch(out: Path, names: list[str], timeout: float = 480, script: Path = Path(__file__)) -> list[dict]:
+    """Start WORLD worker processes of ``script`` (its ``worker``) as torchrun would and return each
+    rank's records."""
     out.mkdir(parents=True, exist_ok=True)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(WORLD), NODE_RANK="0",
@@ -348,7 +350,7 @@ def launch(out: Path, names: list[str], timeout: float = 480) -> list[dict]:
     for rank in range(WORLD):
         env = {**base, "LOCAL_RANK": str(rank), "RANK": str(rank)}
         log = open(out / f"rank{rank}.log", "w")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "worker", str(out), ",".join(names)]
+        cmd = [sys.executable, str(script.resolve()), "worker", str(out), ",".join(names)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + timeout
     try:
@@ -363,7 +365,7 @@ def launch(out: Path, names: list[str], timeout: float = 480) -> list[dict]:
                 proc.wait()
             log.close()
     logs = "\n".join(f"--- rank {r}\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-    assert all(p.returncode == 0 for p, _ in procs), f"a DDP worker failed or hung:\n{logs}"
+    assert all(p.returncode == 0 for p, _ in procs), f"a worker failed or hung:\n{logs}"
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for rank, result in enumerate(results):
         missing = [n for n in names if n not in result]

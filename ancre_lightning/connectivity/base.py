@@ -60,6 +60,9 @@ class Connectivity(nn.Module):
             (the stream maps of dynamic hyper-connections and mHC with their Sinkhorn rounds): the
             option of those wirings.
         recompute_with_layers: the same, set by the stack's activation checkpointing.
+        projections_decayed: the paper's recipe weight-decays the wiring's projections of the
+            states (:meth:`projection_parameters`) like the blocks' matrices; the default of the
+            modules' ``wiring_weight_decay``.
     """
 
     name: str = "base"
@@ -69,6 +72,9 @@ class Connectivity(nn.Module):
     supports_sparsity: bool = False
     recompute_maps: bool = False
     recompute_with_layers: bool = False
+    #: the paper's recipe weight-decays :meth:`projection_parameters` like the blocks' matrices
+    #: (the default of the modules' ``wiring_weight_decay``)
+    projections_decayed: bool = True
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()
@@ -138,8 +144,22 @@ class Connectivity(nn.Module):
         return None
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """Learned wiring parameters (kept float32 and out of weight decay by the modules)."""
+        """Learned wiring parameters (kept float32; out of weight decay by the modules, except the
+        :meth:`projection_parameters` where ``wiring_weight_decay`` decays them)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The wiring's projections of the states: the matrices, sized by the width D, that map each
+        token's state to its per-token weights (mHC's ``P``, dynamic hyper-connections' ``W``, the
+        weight MLPs of dynamic dense connections). A subset of :meth:`gate_parameters`; the modules
+        weight-decay them like the blocks' matrices when their ``wiring_weight_decay`` says so
+        (default: :attr:`projections_decayed`, the paper's practice). The other wiring parameters
+        (static gates, biases, gating factors, gains, queries) are never decayed.
+
+        Default: the matrices held by the wiring's sub-modules (dynamic dense connections keep each
+        merge's weight MLP in one); families that hold their projections themselves override it.
+        """
+        return [p for child in self.children() for p in child.parameters() if p.requires_grad and p.ndim >= 2]
 
     @property
     def temperature(self) -> Tensor | None:

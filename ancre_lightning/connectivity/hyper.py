@@ -64,6 +64,12 @@ class HyperConnections(StreamWiring):
             self.scales = nn.Parameter(torch.full((k, 3), 0.01))  # s for Am, Ar, B
         self.init_token_statistics(self.static_coefficients().detach())
 
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The dynamic maps' projections ``W_m``, ``W_r``, ``W_b`` (none for static maps): weight-decayed
+        like the blocks' matrices by default (no released training recipe says otherwise); the
+        static maps and the scales ``s`` never are."""
+        return [self.read_proj, self.mix_proj, self.write_proj] if self.dynamic else []
+
     def static_maps(self, j: int) -> tuple[Tensor, Tensor, Tensor]:
         return self.read[j], self.mix[j].t(), self.write[j]  # res is [target, source]
 

@@ -110,6 +110,12 @@ class ManifoldHyperConnections(StreamWiring):
             self.head_bias = nn.Parameter(torch.full((n,), b_pre))
         self.init_token_statistics(self._initial_coefficients())
 
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """``P_pre | P_post | P_res`` of every layer and the head's ``P_h``: weight-decayed like the
+        blocks' matrices by default (no released training recipe says otherwise); the gating
+        factors ``a`` and the biases ``b`` never are."""
+        return [self.proj, self.head_proj] if self.head == "learned" else [self.proj]
+
     def _normalised(self, streams: Tensor) -> Tensor:
         return rms_normalized(streams.flatten(-2), self.eps)  # (..., n*D)
 

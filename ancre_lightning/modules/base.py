@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
 from ..dtypes import compute_dtype
+from ..fsdp import all_reduce_replicated_grads, clip_grad_norm_, is_sharded, shard_network
 from ..errors import NONFINITE_MARKER, UserInputError, load_failure, state_mismatch_examples
 from .schedule import WarmupCosine
 
@@ -49,11 +50,19 @@ class ConnectivityModule(L.LightningModule):
 
     Args:
         lr: peak learning rate of AdamW.
-        weight_decay: decoupled weight decay on matrices (never on norms, biases or gates).
+        weight_decay: decoupled weight decay on matrices (never on norms, biases or static gates; the
+            wirings' projections as ``wiring_weight_decay`` says).
         betas: AdamW betas.
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step.
         gate_lr: learning rate of the connectivity's gate parameters (default: ``lr``).
+        wiring_weight_decay: weight-decay the wirings' projections of the states (mHC's ``P``,
+            dynamic hyper-connections' ``W``, MUDD's weight MLPs: a connectivity's
+            ``projection_parameters()``) like the blocks' matrices: true, false (every wiring
+            parameter undecayed), or None (default): each wiring's paper practice, its
+            ``projections_decayed`` (decayed for mhc, hyper with ``dynamic``, mudd). The small
+            static gates (ancre, denseformer, acn, fixed, static hyper), biases, gating factors,
+            gains and queries are never decayed.
         compile: compile the inner network with torch.compile (checkpoint keys stay clean): false,
             true (torch.compile's default mode), or a mode name (:data:`COMPILE_MODES`;
             ``reduce-overhead`` adds CUDA graphs on a GPU).
@@ -77,6 +86,7 @@ class ConnectivityModule(L.LightningModule):
         gate_lr: float | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
+        wiring_weight_decay: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(compile, str) and compile not in COMPILE_MODES:
@@ -87,6 +97,7 @@ class ConnectivityModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.gate_lr = gate_lr
+        self.wiring_weight_decay = wiring_weight_decay
         self.compile_net = compile
         self.fused_optimizer = fused_optimizer
 
@@ -158,6 +169,19 @@ class ConnectivityModule(L.LightningModule):
         return "default" if self.compile_net is True else str(self.compile_net)
 
     def configure_model(self) -> None:
+        """Shard the network under FSDP (:class:`~ancre_lightning.fsdp.ShardedStrategy`: one unit
+        per layer of every wired stack, the wiring's parameters whole), then compile it when asked."""
+        mesh = self._device_mesh
+        if mesh is not None and not is_sharded(self.net):
+            if "data_parallel" in (mesh.mesh_dim_names or ()) and mesh.ndim > 1:
+                if mesh["tensor_parallel"].size() > 1:
+                    raise UserInputError(
+                        "FSDP: the networks here shard over data-parallel processes only; use "
+                        "ancre_lightning.fsdp.ShardedStrategy (or ModelParallelStrategy with tensor_parallel_size: 1)"
+                    )
+                mesh = mesh["data_parallel"]
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            shard_network(self.net, mesh, getattr(strategy, "reshard_after_forward", True))
         if self.compile_net and not getattr(self, "_net_compiled", False):
             self.net.compile(mode=self.compile_mode)  # in place: state_dict keys carry no "_orig_mod." prefix
             self._net_compiled = True
@@ -213,6 +237,10 @@ class ConnectivityModule(L.LightningModule):
         batch, train = self.__dict__.get("_flops_batch", (None, True))
         return None if batch is None else self.count_flops(batch, train)
 
+    def on_after_backward(self) -> None:
+        """Under FSDP, average the wiring's gradients over the processes (FSDP reduces the rest)."""
+        all_reduce_replicated_grads(self.net)
+
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.mark_cuda_graph_step()
         self._flops_batch = (batch, False)
@@ -248,13 +276,29 @@ class ConnectivityModule(L.LightningModule):
             np.random.seed(seed)
             torch.manual_seed(seed)
 
-    def parameter_groups(self) -> list[dict]:
-        """AdamW groups: decayed matrices, undecayed vectors, and the gates (float32, no decay).
+    def wiring_projections(self) -> list[nn.Parameter]:
+        """The wirings' projections of the states that :meth:`parameter_groups` weight-decays:
+        every connectivity's ``projection_parameters()`` when ``wiring_weight_decay`` is true, none
+        when false, and when None those of the connectivities whose paper decays them
+        (``projections_decayed``)."""
+        if self.wiring_weight_decay is False:
+            return []
+        return [
+            p for c in self.connectivities().values()
+            if self.wiring_weight_decay or c.projections_decayed
+            for p in c.projection_parameters()
+        ]  # fmt: skip
 
-        Parameters the network names in ``no_weight_decay()`` (timm's convention, e.g. a learned
-        position table) are not decayed either."""
-        gates = self.gate_parameters()
-        gate_ids = {id(p) for p in gates}
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: decayed matrices, undecayed vectors, the gates (float32, no decay) and the
+        wirings' decayed projections (float32; see ``wiring_weight_decay``).
+
+        Both wiring groups train at ``gate_lr``. Parameters the network names in
+        ``no_weight_decay()`` (timm's convention, e.g. a learned position table) are not decayed."""
+        projections = self.wiring_projections()
+        projection_ids = {id(p) for p in projections}
+        gates = [p for p in self.gate_parameters() if id(p) not in projection_ids]
+        gate_ids = {id(p) for p in gates} | projection_ids
         exempt = set(self.net.no_weight_decay()) if hasattr(self.net, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
@@ -267,6 +311,10 @@ class ConnectivityModule(L.LightningModule):
         ]
         if gates:
             groups.append({"params": gates, "weight_decay": 0.0, "lr": self.gate_lr or self.lr, "name": "gates"})
+        if projections:
+            groups.append(
+                {"params": projections, "weight_decay": self.weight_decay, "lr": self.gate_lr or self.lr, "name": "wiring_decay"}
+            )
         return [g for g in groups if g["params"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,7 +326,21 @@ class ConnectivityModule(L.LightningModule):
                 f"the checkpoint does not fit this {type(self).__name__}: {problem}. Load it with the "
                 f"configuration it was trained with (config.yaml in its log folder)"
             )
+        self._keep_checkpoint_wiring_groups(checkpoint)
         super().on_load_checkpoint(checkpoint)
+
+    def _keep_checkpoint_wiring_groups(self, checkpoint: Mapping[str, Any]) -> None:
+        """A run saved before the wirings' projections had a decayed group of their own resumes with
+        them undecayed, as it started (its optimiser state holds no ``wiring_decay`` group)."""
+        states = checkpoint.get("optimizer_states") or [{}]
+        first = states[0] if isinstance(states[0], Mapping) else {}
+        names = {g.get("name") for g in first.get("param_groups", []) if isinstance(g, Mapping)}
+        if "gates" in names and "wiring_decay" not in names and self.wiring_projections():
+            rank_zero_warn(
+                "the checkpoint's optimiser keeps every wiring parameter out of weight decay (it was saved before "
+                "wiring_weight_decay existed): the run resumes so, as if wiring_weight_decay were false"
+            )
+            self.wiring_weight_decay = False
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`parameter_groups`, fused into one kernel per step where torch can
@@ -308,6 +370,16 @@ class ConnectivityModule(L.LightningModule):
         for any fused optimizer, because under float16 the gradients are still scaled; under
         bfloat16 autocast there is no gradient scaler, so the gradients are clipped directly."""
         plugin = self.trainer.precision_plugin
+        if is_sharded(self.net):  # sharded and whole gradients together: one global norm
+            clip = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+            if clip:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                if algorithm == GradClipAlgorithmType.NORM:
+                    clip_grad_norm_(params, clip)
+                else:
+                    torch.nn.utils.clip_grad_value_(params, clip)
+            return
         if optimizer.defaults.get("fused") and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
             clip = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
@@ -347,18 +419,27 @@ class ConnectivityModule(L.LightningModule):
 # --- checkpoints ---------------------------------------------------------------------------------
 #: Hyper-parameters that change training, not the network: a checkpoint may differ in them.
 TRAINING_HPARAMS = frozenset(
-    {"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile", "fused_optimizer", "loss_chunk_tokens"}
+    {"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile", "fused_optimizer", "loss_chunk_tokens",
+     "wiring_weight_decay"}
 )
 
 
+#: the file of a sharded checkpoint folder that holds everything but the weights and optimizer state
+SHARDED_METADATA = "meta.pt"
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Open a checkpoint file for inspection (tensors memory-mapped, not read into memory).
+    """Open a checkpoint file for inspection (tensors memory-mapped, not read into memory). For a
+    sharded checkpoint (a folder written under FSDP) this is its ``meta.pt``: step, loops,
+    callbacks, hyper-parameters and config, without ``state_dict`` (the shards are read by FSDP).
 
     Raises:
         UserInputError: the file is missing, truncated, not a PyTorch file, or not a checkpoint
             written by Lightning (no ``state_dict``), with what to do instead.
     """
     p = Path(path)
+    if p.is_dir() and (p / SHARDED_METADATA).is_file():  # a sharded (FSDP) checkpoint: its metadata, no weights
+        p = p / SHARDED_METADATA
     if not p.is_file():
         raise UserInputError(f"checkpoint {str(p)!r} does not exist; give the path of a .ckpt file (e.g. .../checkpoints/last.ckpt)")
     with open(p, "rb") as f:
@@ -383,7 +464,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"(step {ckpt.get('step')}: {', '.join(ckpt.get('nonfinite', []))}), kept for diagnosis; "
             "resume from last.ckpt (or the best checkpoint) of that run instead"
         )
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+    sharded = p.name == SHARDED_METADATA and isinstance(ckpt, Mapping) and "hyper_parameters" in ckpt
+    if not sharded and (not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping)):
         bare = isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values())
         kind = "a bare state_dict" if bare else f"a {type(ckpt).__name__}" + (
             f" with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, Mapping) else "")
@@ -459,7 +541,7 @@ def checkpoint_mismatch(
         differ = sorted(k for k in {**ck_wiring[1], **wiring[1]} if ck_wiring[1].get(k) != wiring[1].get(k))
         pairs = ", ".join(f"{k}: checkpoint {ck_wiring[1].get(k)!r}, model {wiring[1].get(k)!r}" for k in differ)
         return f"its {wiring[0]} connectivity_options differ ({pairs})"
-    if state is None:
+    if state is None or "state_dict" not in checkpoint:  # a sharded checkpoint's weights are loaded (strictly) by FSDP
         return None
     ck_state = checkpoint["state_dict"]
     missing = [k for k in state if k not in ck_state]

@@ -154,6 +154,10 @@ class ClassifierModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
         gate_lr: learning rate of the connectivity's gate parameters (default: lr).
+        wiring_weight_decay: weight-decay the wiring's projections of the states (mHC's P, dynamic
+            hyper-connections' W, MUDD's weight MLPs) like the blocks' matrices: true, false, or
+            null (default): each wiring's paper practice (decayed for mhc, dynamic hyper, mudd).
+            Static gates, biases and gains are never decayed.
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
@@ -204,11 +208,13 @@ class ClassifierModule(ConnectivityModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.01,
         gate_lr: float | None = None,
+        wiring_weight_decay: bool | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
         activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer,
+                         wiring_weight_decay=wiring_weight_decay)
         if arch not in ARCHS:
             raise UserInputError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         if not 0.0 <= label_smoothing < 1.0:

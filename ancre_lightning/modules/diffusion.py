@@ -141,6 +141,10 @@ class DiffusionModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio (1.0: constant after warm-up).
         gate_lr: learning rate of the connectivity's gate logits (default: lr).
+        wiring_weight_decay: weight-decay the wiring's projections of the states (mHC's P, dynamic
+            hyper-connections' W, MUDD's weight MLPs) like the blocks' matrices: true, false, or
+            null (default): each wiring's paper practice (decayed for mhc, dynamic hyper, mudd).
+            Static gates, biases and gains are never decayed.
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
@@ -190,12 +194,14 @@ class DiffusionModule(ConnectivityModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
         gate_lr: float | None = None,
+        wiring_weight_decay: bool | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
         fid_num_samples: int = 0,
         activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer,
+                         wiring_weight_decay=wiring_weight_decay)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "Set prediction_type accordingly.")
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES, "Set beta_schedule accordingly.")
         _check_choice("sampler", sampler, list(SAMPLERS), "Set sampler accordingly.")

@@ -136,6 +136,10 @@ class LLMModule(ConnectivityModule):
         warmup_steps: linear warm-up steps.
         min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio.
         gate_lr: learning rate of the gate logits (default: lr).
+        wiring_weight_decay: weight-decay the wiring's projections of the states (mHC's P, dynamic
+            hyper-connections' W, MUDD's weight MLPs) like the blocks' matrices: true, false, or
+            null (default): each wiring's paper practice (decayed for mhc, dynamic hyper, mudd).
+            Static gates, biases and gains are never decayed.
         compile: compile the network with torch.compile: false, true, or a torch.compile mode
             (``reduce-overhead`` adds CUDA graphs on a GPU).
         fused_optimizer: AdamW as one fused kernel where torch has one (CPU, CUDA); false: foreach.
@@ -179,6 +183,7 @@ class LLMModule(ConnectivityModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         gate_lr: float | None = None,
+        wiring_weight_decay: bool | None = None,
         compile: bool | CompileMode = False,
         fused_optimizer: bool = True,
         loss_chunk_tokens: int | None = None,
@@ -191,7 +196,8 @@ class LLMModule(ConnectivityModule):
                 f"the model's vocab_size is {vocab_size!r}: the data gives none (it has no tokenizer); use a text data "
                 "module (TextDataModule, or TokenShardsDataModule over a folder written by 'ancre prepare')"
             )
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, gate_lr, compile, fused_optimizer,
+                         wiring_weight_decay=wiring_weight_decay)
         self.save_hyperparameters()
         if hf_weights and not hf_config:
             raise UserInputError("hf_weights are the weights of a transformers model: set hf_config too (its config.json or settings)")
