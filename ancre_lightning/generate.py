@@ -198,7 +198,7 @@ def load_llm_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[
     from .modules import LLMModule
     from .modules.base import checkpoint_mismatch, read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, need_weights=True)
     hparams = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if not str(k).startswith("_")}
     problem = checkpoint_mismatch(ckpt, LLMModule, hparams, None)
     if problem:

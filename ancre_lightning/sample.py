@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1:
         raise UserInputError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    checkpoint = read_checkpoint(ckpt)  # weights_only: a file that would run code on loading is refused
+    checkpoint = read_checkpoint(ckpt, need_weights=True)  # weights_only: a file that would run code on loading is refused
     if "prediction_type" not in (checkpoint.get("hyper_parameters") or {}):
         raise UserInputError(f"{ckpt} is not a DiffusionModule checkpoint (train one with configs/diffusion/*.yaml)")
     module = DiffusionModule.load_from_checkpoint(ckpt, map_location=device, weights_only=True)

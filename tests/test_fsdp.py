@@ -268,6 +268,20 @@ def test_sharded_checkpoints_resume_exactly_with_every_callback(ranks):
     assert any("gates" in p for p in straight["pictures"]), straight["pictures"]
 
 
+def test_a_sharded_checkpoint_is_read_for_its_metadata_and_refused_where_weights_are_needed(tmp_path):
+    """``--ckpt_path`` checks and ``last`` read a sharded folder's ``meta.pt``; ``ancre generate``
+    and ``ancre sample`` need one file and say how to get one."""
+    from ancre_lightning.errors import UserInputError
+    from ancre_lightning.modules.base import read_checkpoint
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"global_step": 4, "hyper_parameters": {"connectivity": "mhc"}}, folder / "meta.pt")
+    assert read_checkpoint(folder)["global_step"] == 4
+    with pytest.raises(UserInputError, match="folder of shards written under FSDP.*save_distributed_checkpoint false"):
+        read_checkpoint(folder, need_weights=True)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

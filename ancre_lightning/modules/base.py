@@ -428,17 +428,28 @@ TRAINING_HPARAMS = frozenset(
 SHARDED_METADATA = "meta.pt"
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike[str], need_weights: bool = False) -> dict[str, Any]:
     """Open a checkpoint file for inspection (tensors memory-mapped, not read into memory). For a
     sharded checkpoint (a folder written under FSDP) this is its ``meta.pt``: step, loops,
     callbacks, hyper-parameters and config, without ``state_dict`` (the shards are read by FSDP).
 
+    Args:
+        path: a ``.ckpt`` file, or the folder of a sharded checkpoint.
+        need_weights: the caller reads ``state_dict``: a sharded folder is refused in one line.
+
     Raises:
         UserInputError: the file is missing, truncated, not a PyTorch file, or not a checkpoint
-            written by Lightning (no ``state_dict``), with what to do instead.
+            written by Lightning (no ``state_dict``), or a sharded folder when ``need_weights``,
+            with what to do instead.
     """
     p = Path(path)
     if p.is_dir() and (p / SHARDED_METADATA).is_file():  # a sharded (FSDP) checkpoint: its metadata, no weights
+        if need_weights:
+            raise UserInputError(
+                f"checkpoint {str(p)!r} is a folder of shards written under FSDP; this command reads the weights "
+                "from one file. Resume the run on the same number of processes with --ckpt_path, or write single-file "
+                "checkpoints by training with --trainer.strategy.init_args.save_distributed_checkpoint false"
+            )
         p = p / SHARDED_METADATA
     if not p.is_file():
         raise UserInputError(f"checkpoint {str(p)!r} does not exist; give the path of a .ckpt file (e.g. .../checkpoints/last.ckpt)")
