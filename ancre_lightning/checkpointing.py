@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .atomic import PARTIAL_SUFFIX, atomic_write
 from .errors import UserInputError
+from .fsdp import SHARDED_METADATA
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -243,7 +244,7 @@ def find_last_checkpoint(folders: Iterable[Path]) -> Path | None:
     found = []
     for folder in folders:
         if folder.is_dir():
-            found += [p for p in folder.iterdir() if _LAST_NAME.match(p.name) and (p.is_file() or (p / "meta.pt").is_file())]
+            found += [p for p in folder.iterdir() if _LAST_NAME.match(p.name) and (p.is_file() or (p / SHARDED_METADATA).is_file())]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 

@@ -38,8 +38,12 @@ from torch import Tensor, nn
 from .connectivity import ConnectedStack
 from .errors import UserInputError
 
-__all__ = ["ShardedStrategy", "all_reduce_replicated_grads", "clip_grad_norm_", "is_sharded", "shard_network"]
+__all__ = ["SHARDED_METADATA", "ShardedStrategy", "all_reduce_replicated_grads", "clip_grad_norm_", "is_sharded", "shard_network"]
 
+
+#: the file of a sharded checkpoint folder that holds everything but the weights and optimizer state
+#: (Lightning's distributed checkpoint writes it beside the shards)
+SHARDED_METADATA = "meta.pt"
 
 #: methods of a network that callbacks and the modules call directly (early exits, the chunked loss's
 #: head): under FSDP each gathers the root's weights first, as ``net(...)`` does

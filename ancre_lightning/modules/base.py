@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
 from ..dtypes import compute_dtype
-from ..fsdp import all_reduce_replicated_grads, clip_grad_norm_, is_sharded, shard_network
+from ..fsdp import SHARDED_METADATA, all_reduce_replicated_grads, clip_grad_norm_, is_sharded, shard_network
 from ..errors import NONFINITE_MARKER, UserInputError, load_failure, state_mismatch_examples
 from .schedule import WarmupCosine
 
@@ -370,19 +370,14 @@ class ConnectivityModule(L.LightningModule):
         for any fused optimizer, because under float16 the gradients are still scaled; under
         bfloat16 autocast there is no gradient scaler, so the gradients are clipped directly."""
         plugin = self.trainer.precision_plugin
-        if is_sharded(self.net):  # sharded and whole gradients together: one global norm
-            clip = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
-            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+        clip = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+        sharded = is_sharded(self.net)
+        if sharded and algorithm == GradClipAlgorithmType.NORM:  # sharded and whole gradients: one global norm
             if clip:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                if algorithm == GradClipAlgorithmType.NORM:
-                    clip_grad_norm_(params, clip)
-                else:
-                    torch.nn.utils.clip_grad_value_(params, clip)
+                clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
             return
-        if optimizer.defaults.get("fused") and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
-            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
-            clip = gradient_clip_val if gradient_clip_val is not None else self.trainer.gradient_clip_val
+        if sharded or (optimizer.defaults.get("fused") and isinstance(plugin, MixedPrecision) and plugin.scaler is None):
             Precision.clip_gradients(plugin, optimizer, clip or 0.0, algorithm)  # the plain clipping
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -422,10 +417,6 @@ TRAINING_HPARAMS = frozenset(
     {"lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "gate_lr", "compile", "fused_optimizer", "loss_chunk_tokens",
      "wiring_weight_decay"}
 )
-
-
-#: the file of a sharded checkpoint folder that holds everything but the weights and optimizer state
-SHARDED_METADATA = "meta.pt"
 
 
 def read_checkpoint(path: str | os.PathLike[str], need_weights: bool = False) -> dict[str, Any]:
