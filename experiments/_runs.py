@@ -34,6 +34,8 @@ from ancre_lightning.atomic import atomic_write_bytes
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = Path(__file__).resolve().parent
 RUN_VERSION = "run"  # the TensorBoard logger's version folder inside every run folder
+#: the logger's version folder of a run's final evaluation on the whole validation split
+FULL_VALIDATION_VERSION = "full_val"
 
 
 @dataclass
@@ -156,9 +158,40 @@ def command(spec: RunSpec, runs_dir: Path) -> list[str]:
     ]
 
 
+def full_validation(runs_dir: Path, spec: RunSpec, threads: int = 1) -> float:
+    """The validation loss of a finished run's final weights over its whole validation split (every
+    batch, where training evaluated the first ``limit_val_batches``): ``ancre validate`` with the
+    run's own arguments and its ``last.ckpt``, logged to ``<runs_dir>/<name>/full_val/``. Computed
+    once; later calls read the logged value back."""
+    folder = run_dir(runs_dir, spec.name) / FULL_VALIDATION_VERSION
+    if not list(folder.glob("events.out.tfevents.*")):
+        ckpt = last_checkpoint(runs_dir, spec.name)
+        if ckpt is None:
+            raise FileNotFoundError(f"{spec.name}: no last.ckpt to evaluate on the whole validation split")
+        cmd = [sys.executable, "-m", "ancre_lightning.cli", "validate", *spec.args, f"--ckpt_path={ckpt.resolve()}",
+               "--trainer.limit_val_batches=1.0",
+               f"--trainer.logger.init_args.save_dir={Path(runs_dir).resolve()}",
+               f"--trainer.logger.init_args.name={spec.name}",
+               f"--trainer.logger.init_args.version={FULL_VALIDATION_VERSION}",
+               "--trainer.enable_progress_bar=false"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        with open(run_dir(runs_dir, spec.name) / "full_val.log", "w", encoding="utf-8") as log:
+            rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(f"{spec.name}: the whole-split validation exited with {rc}; see its full_val.log")
+    values = read_scalar_events(folder).get("val/loss")
+    if not values:
+        raise ValueError(f"{spec.name}: no val/loss in {folder}")
+    return values[-1][1]
+
+
 def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | None = None, poll_s: float = 2.0,
-           records: RunRecords | None = None) -> dict[str, int]:
+           records: RunRecords | None = None, start_until: float | None = None) -> dict[str, int]:
     """Run every unfinished spec, ``jobs`` at a time; returns exit status by run name.
+
+    ``start_until`` (a Unix time): no run starts after it; the runs already going finish (for a
+    session that must end: what is left waits for the next launch).
 
     Each run gets ``OMP_NUM_THREADS=threads`` (default: the CPU count divided by ``jobs``, at
     least 1). Finished runs are skipped; an unfinished run folder is removed first. Without
@@ -187,6 +220,9 @@ def launch(specs: list[RunSpec], runs_dir: Path, jobs: int = 2, threads: int | N
     status: dict[str, int] = {}
     queue = list(todo)
     while queue or running:
+        if queue and start_until is not None and time.time() > start_until:
+            print(f"not starting the {len(queue)} run(s) left: past --start-until; launch again to run them", flush=True)
+            queue = []
         while queue and len(running) < max(1, jobs):
             spec = queue.pop(0)
             folder = run_dir(runs_dir, spec.name)
@@ -237,6 +273,9 @@ def sweep_parser(description: str, name: str, default_jobs: int, quick_help: str
     p.add_argument("--jobs", type=int, default=default_jobs, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: CPUs / jobs)")
     p.add_argument("--report-only", action="store_true", help="only re-read finished runs and write the report")
+    p.add_argument("--start-until", type=float, default=None, metavar="HOURS",
+                   help="start no run after this many hours from now (the runs going then finish; a later launch "
+                        "runs the rest)")
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
                    help=f"extra ancre override for every run, e.g. --override={override_example}")
@@ -253,7 +292,10 @@ def launch_unless_report_only(args: argparse.Namespace, specs: list[RunSpec], re
     """Run the sweep's unfinished runs (skipped with ``--report-only``) and name the failed ones."""
     if args.report_only:
         return
-    status = launch(specs, args.runs_dir, args.jobs, args.threads, records=records)
+    if getattr(args, "start_until", None) is not None and not hasattr(args, "start_until_unix"):
+        args.start_until_unix = time.time() + 3600 * args.start_until  # one deadline for every pass
+    status = launch(specs, args.runs_dir, args.jobs, args.threads, records=records,
+                    start_until=getattr(args, "start_until_unix", None))
     failed = [n for n, rc in status.items() if rc != 0]
     if failed:
         print(f"failed runs: {failed} (their logs: <runs-dir>/<name>/train.log)", flush=True)

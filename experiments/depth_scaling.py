@@ -19,7 +19,9 @@ outlive the session. When a run finishes (exit status 0) the driver writes its r
 ``<out>/runs/`` (default ``experiments/out/depth_scaling/runs/``), meant to be committed:
 ``<name>.json`` (spec and meta, command, start and wall time, final validation loss, the ``val/*``
 and ``train/*`` curves as ``[step, value, seconds since the start]``, tokens/s, parameter count) and
-``<name>_gates.png`` (its last wiring heatmap, shrunk to 900 px at most). A run is finished when its
+``<name>_gates.png`` (its last wiring heatmap, shrunk to 900 px at most). Before the record is written
+the run's final weights are also evaluated on the whole validation split (64k tokens; training
+evaluates its first 16k), ``final_val_loss_full``. A run is finished when its
 record exists; a run folder that finished but has no record (e.g. one from before records) gets
 its record without running again. The report is read from the records only, so ``--report-only``
 works on a fresh clone that has no ``experiments/runs/``. The report (``--out``, default
@@ -40,7 +42,9 @@ works on a fresh clone that has no ``experiments/runs/``. The report (``--out``,
   and per depth ranked by loss, each gap to residual with its error and t).
 
 Finished runs are skipped, so the same command resumes an interrupted sweep (a run that was cut
-off starts again from scratch). Across sessions, each on a fresh clone: run the same command, and
+off starts again from scratch); ``--start-until HOURS`` starts no run after that many hours, so a
+session can end with nothing cut off. Records that a change of the code made stale move to
+``<out>/superseded/`` (then the driver runs those runs again); the report reads ``<out>/runs/`` only. Across sessions, each on a fresh clone: run the same command, and
 commit ``experiments/out/depth_scaling/`` as runs finish (the driver prints the record files it
 wrote; it commits nothing itself); the next session skips every committed run::
 
@@ -69,6 +73,7 @@ from _runs import (  # noqa: E402
     RunSpec,
     difference_of_differences,
     fmt_t,
+    full_validation,
     interpolate_crossing,
     launch_unless_report_only,
     log_dir,
@@ -197,7 +202,8 @@ def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
     """What the report needs of a finished run, read from its folder (the body of its record):
     the final validation loss, the validation, training and stream curves (``val/*``, ``train/*``
     and ``stream/*`` scalars, ``[step, value, seconds since the start]``; validation steps count optimizer steps),
-    tokens a step, median tokens/s and the parameter count."""
+    the final weights' loss over the whole validation split (``final_val_loss_full``; records written
+    before it existed lack it), tokens a step, median tokens/s and the parameter count."""
     events = read_scalar_events(log_dir(runs_dir, s.name))
     shift = validation_shift(events)
     curves = {tag: _curve(validation_curve(points, shift) if tag.startswith("val/") else points, done["started_unix"])
@@ -211,6 +217,7 @@ def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
     return {
         "final_step": val[-1][0],
         "final_val_loss": val[-1][1],
+        "final_val_loss_full": full_validation(runs_dir, s),
         "tokens_per_step": data["batch_size"] * data["seq_len"],
         "tokens_per_s": statistics.median(throughput) if throughput else None,  # training steps only
         "parameters": parameter_count(config["model"]["init_args"]),
@@ -237,6 +244,7 @@ def collect(records: RunRecords, run_specs: list[RunSpec]) -> list[dict]:
             **rec["meta"],
             "final_step": rec["final_step"],
             "final_val_loss": rec["final_val_loss"],
+            "final_val_loss_full": rec.get("final_val_loss_full"),
             "wall_s": rec["wall_s"],
             "tokens_per_step": rec["tokens_per_step"],
             "tokens_per_s": rec["tokens_per_s"],

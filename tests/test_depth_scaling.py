@@ -247,6 +247,8 @@ def test_finished_run_folder_becomes_a_record(tmp_path):
     writer.add_scalar("stream/growth", 9.0, 4)  # the callbacks' scalars of that validation: at global_step
     writer.add_scalar("gates/entropy", 0.5, 3)  # neither train/ nor val/: left out
     writer.close()
+    with SummaryWriter(str(_runs.run_dir(runs_dir, run.name) / _runs.FULL_VALIDATION_VERSION)) as full:
+        full.add_scalar("val/loss", 2.3, 4)  # what full_validation logged (the whole split)
     config = yaml.safe_load(depth_scaling.PRESETS["cpu"].read_text(encoding="utf-8"))
     config["model"]["init_args"].update(n_layers=2, connectivity="ancre")
     (logs / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -263,6 +265,7 @@ def test_finished_run_folder_becomes_a_record(tmp_path):
     rec = json.loads(text)
     assert rec["meta"] == {"wiring": "ancre", "depth": 2, "seed": 0}
     assert rec["final_step"] == 4 and rec["final_val_loss"] == pytest.approx(2.4)
+    assert rec["final_val_loss_full"] == pytest.approx(2.3)
     assert [p[:2] for p in rec["curves"]["train/loss"]] == [[1, 3.0], [3, 2.5]]
     assert set(rec["curves"]) == {"train/loss", "train/tokens_per_s", "val/loss", "stream/growth"}
     assert rec["tokens_per_s"] == pytest.approx(2000.0) and rec["tokens_per_step"] == 16 * 128
@@ -300,3 +303,29 @@ def test_validation_steps_count_optimizer_steps_in_old_and_new_runs():
     assert _runs.validation_shift({"val/loss": [(3999, 1.0)]}) == 1  # no callback scalars: the last step says
     assert _runs.validation_shift({"val/loss": [(4000, 1.0)]}) == 0
     assert _runs.validation_shift({"train/loss": [(5, 1.0)]}) == 0
+
+
+def test_full_validation_evaluates_the_final_weights_on_the_whole_split(tmp_path):
+    """``full_validation`` re-reads a finished run's last.ckpt and evaluates it on every validation
+    batch: the same loss as the trained model validated in process on the whole split, not the
+    training-time loss over the first two batches; a second call reads the logged value back."""
+    runs_dir = tmp_path / "runs"
+    spec = _runs.RunSpec("tiny", ["--config", str(depth_scaling.PRESETS["cpu"]), *SMALL_DATA,
+                                  "--model.init_args.n_layers=2", "--trainer.num_sanity_val_steps=0",
+                                  "--trainer.enable_model_summary=false"])
+    cli = build_cli(["fit", *spec.args, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                     "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+                     f"--trainer.default_root_dir={_runs.run_dir(runs_dir, 'tiny')}",
+                     f"--trainer.logger.init_args.save_dir={runs_dir}", "--trainer.logger.init_args.name=tiny",
+                     f"--trainer.logger.init_args.version={_runs.RUN_VERSION}"])
+    seen_in_training = float(cli.trainer.callback_metrics["val/loss"])
+    cli.trainer.limit_val_batches = 1.0
+    whole = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"]
+    assert cli.trainer.num_val_batches[0] > 2  # the split is larger than what training evaluated
+
+    full = _runs.full_validation(runs_dir, spec)
+    assert full == pytest.approx(whole, rel=1e-6)  # float32 sums over the same batches, in another process
+    assert full != pytest.approx(seen_in_training, rel=1e-4)
+    events = sorted((_runs.run_dir(runs_dir, "tiny") / _runs.FULL_VALIDATION_VERSION).glob("events.out.tfevents.*"))
+    assert _runs.full_validation(runs_dir, spec) == full  # read back, not run again
+    assert sorted((_runs.run_dir(runs_dir, "tiny") / _runs.FULL_VALIDATION_VERSION).glob("events.out.tfevents.*")) == events
