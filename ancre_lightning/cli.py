@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -31,7 +32,7 @@ from ancre_lightning.datamodules import TextDataModule  # noqa: F401  (short nam
 from ancre_lightning.datamodules.images import FashionMNISTDataModule  # noqa: F401  (and the other image data modules)
 from ancre_lightning.datamodules.diffusion_images import DiffusionImageDataModule  # noqa: F401  (--data DiffusionImageDataModule)
 from ancre_lightning.datamodules.fetch import DataFetchError
-from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, ParameterSummary, StreamGrowth
+from ancre_lightning.callbacks import FiniteGuard, LineProgressBar, ParameterSummary, StreamGrowth, ThroughputMonitor
 from ancre_lightning.connectivity.registry import CONNECTIVITIES, connectivity_help, connectivity_options
 from ancre_lightning.errors import UserInputError, first_line, known_option_names, parse_error_message, read_yaml_config
 from ancre_lightning.hardware import check_accelerator, configs_setting_accelerator, limit_threads_to_free_cores, machine_summary
@@ -130,6 +131,9 @@ class AncreCLI(LightningCLI):
             callbacks = [*callbacks, FiniteGuard()]
         if measures_stream(self.model) and not any(isinstance(c, StreamGrowth) for c in callbacks):
             callbacks = [*callbacks, StreamGrowth()]  # the stream's RMS after every layer, in every run
+        if (self.subcommand == "fit" and isinstance(self.model, ConnectivityModule)
+                and not any(isinstance(c, LightningThroughputMonitor) for c in callbacks)):
+            callbacks = [*callbacks, ThroughputMonitor()]  # samples, tokens, TFLOP/s (and MFU) of every fit
         progress = kwargs.get("enable_progress_bar", configured.get("enable_progress_bar"))
         if progress is not False and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks = [*callbacks, LineProgressBar()]  # a log file gets lines, not redrawn bars

@@ -98,3 +98,21 @@ def test_monitor_on_a_cpu_says_once_that_there_is_no_mfu(tmp_path, caplog):
     assert len(said) == 1 and "peak_tflops" in said[0]
     assert any(r.get("train/device/flops_per_sec") for r in rows)
     assert not any(r.get("train/device/mfu") for r in rows)
+
+
+def test_ancre_fit_adds_the_monitor_once(tmp_path):
+    """Every ``ancre fit`` of this project's modules gets the monitor (the modules log no
+    hand-written rate any more); a config that names one keeps its own."""
+    from ancre_lightning.cli import build_cli
+    from conftest import ROOT, tiny_run_args
+
+    quick = [*tiny_run_args(tmp_path), "--model.init_args.n_layers=1", "--data.init_args.max_train_tokens=20000",
+             "--data.init_args.max_val_tokens=4000", "--data.init_args.batch_size=2"]
+    cli = build_cli(["fit", "--config", str(ROOT / "configs/llm/quickstart.yaml"), *quick, "--trainer.max_steps=1"])
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, L.pytorch.callbacks.ThroughputMonitor)]
+    assert len(monitors) == 1 and isinstance(monitors[0], ThroughputMonitor)
+    assert "train/tokens_per_s" not in cli.trainer.logged_metrics
+    own = ["--trainer.callbacks+=ancre_lightning.callbacks.ThroughputMonitor", "--trainer.callbacks.peak_tflops=2.0"]
+    cli = build_cli(["fit", "--config", str(ROOT / "configs/llm/quickstart.yaml"), *quick, "--trainer.max_steps=1", *own])
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, L.pytorch.callbacks.ThroughputMonitor)]
+    assert [m.peak_tflops for m in monitors] == [2.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -88,7 +87,7 @@ class ClassifierModule(ConnectivityModule):
 
     Cross-entropy with label smoothing (or soft targets under Mixup / CutMix, through timm), AdamW
     with the gates in their own group, linear warm-up then cosine. Logs ``train/loss``,
-    ``train/acc1`` (not under Mixup), ``train/images_per_s``, and
+    ``train/acc1`` (not under Mixup), and
     ``val/loss``, ``val/acc1``, ``val/acc5`` (``test/...`` the same); top-5 only with more than
     5 classes. Validation and test losses are plain cross-entropy, without smoothing.
 
@@ -277,7 +276,6 @@ class ClassifierModule(ConnectivityModule):
         if self.top5:
             self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        self._last_batch_end: float | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         """Class logits (B, num_classes) of images (B, C, H, W)."""
@@ -358,15 +356,6 @@ class ClassifierModule(ConnectivityModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            images = batch[0].shape[0] * self.trainer.world_size
-            self.log("train/images_per_s", images / max(now - self._last_batch_end, 1e-9))
-        self._last_batch_end = now
-
-    def on_validation_start(self) -> None:
-        self._last_batch_end = None  # validation time is not training throughput
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         images, labels = batch

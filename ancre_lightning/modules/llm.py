@@ -10,7 +10,6 @@ logits of the whole batch.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,10 +99,10 @@ def format_count(n: int) -> str:
 class LLMModule(ConnectivityModule):
     """LLaMA-style causal LM whose blocks are wired by a chosen connectivity.
 
-    Logs ``train/loss``, ``train/tokens_per_s``, ``val/loss``, ``val/ppl`` and ``val/bpb`` (bits
-    per byte: the summed next-token loss / the UTF-8 bytes its labels stand for / ln 2, comparable
-    across tokenizers), ``test/loss`` and ``test/bpb`` (learning rates: Lightning's
-    ``LearningRateMonitor``, in every shipped config). Prints its parameter count at the start of
+    Logs ``train/loss``, ``val/loss``, ``val/ppl`` and ``val/bpb`` (bits per byte: the summed
+    next-token loss / the UTF-8 bytes its labels stand for / ln 2, comparable across tokenizers),
+    ``test/loss`` and ``test/bpb`` (learning rates: Lightning's ``LearningRateMonitor``, in every
+    shipped config; tokens/s, TFLOP/s and MFU: the ``ThroughputMonitor`` that ``ancre fit`` adds). Prints its parameter count at the start of
     a fit (:meth:`parameter_counts`).
 
     The tokenizer comes from the data module (``datamodule.tokenizer``) and is stored in every
@@ -219,7 +218,6 @@ class LLMModule(ConnectivityModule):
         self.val_ppl = ExpMeanMetric()
         self.val_bpb = MeanMetric()
         self.test_bpb = MeanMetric()
-        self._last_batch_end: float | None = None
         #: the tokenizer of the data (or of the checkpoint); byte-level until told otherwise when vocab_size is 257
         self.tokenizer: Tokenizer | None = None
         self._token_bytes: Tensor | None = None  # (V,) int64 UTF-8 bytes per id, on the device of the last batch
@@ -388,15 +386,6 @@ class LLMModule(ConnectivityModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the mean over ranks
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / max(now - self._last_batch_end, 1e-9))
-        self._last_batch_end = now
-
-    def on_validation_start(self) -> None:
-        self._last_batch_end = None  # validation time is not training throughput
 
     def bits_per_byte(self, loss: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Bits per byte of a mean next-token ``loss`` over ``labels`` (its summed loss / the bytes
