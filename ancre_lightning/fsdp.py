@@ -20,13 +20,17 @@ does under it:
 
 Gradient-norm clipping over sharded and whole gradients together is :func:`clip_grad_norm_`.
 Checkpoints are written sharded, one folder of ``.distcp`` files and a ``meta.pt`` (Lightning's
-distributed checkpoint), and resume exactly on the same number of processes.
+distributed checkpoint), whole or not at all (written beside the old one, then moved into place),
+and resume exactly on the same number of processes.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +90,46 @@ class ShardedStrategy(ModelParallelStrategy):
         # data parallel over every process (ModelParallelStrategy's "auto" is the number of nodes)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write a sharded checkpoint whole or not at all: every process writes into
+        ``<name>.saving`` beside the target, and only when all are done does rank 0 move it into
+        place (the old folder is renamed aside first and removed last), so a run killed while
+        saving keeps its previous checkpoint. A single-file checkpoint goes through Lightning's
+        own save."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(path.name + STAGING_SUFFIX)
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # what a run killed while saving left behind
+        self.barrier("sharded_save_start")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("sharded_save_written")
+        if self.global_rank == 0:
+            replace_path(staging, path)
+        self.barrier("sharded_save_moved")
+
+
+#: the suffix of the folder a sharded checkpoint is written to before it replaces the old one
+STAGING_SUFFIX = ".saving"
+
+
+def replace_path(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``, replacing what is there (a folder or a file): the old
+    one is renamed aside, the new one renamed into place, then the old one removed."""
+    aside = target.with_name(target.name + ".old")
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    elif aside.exists():
+        aside.unlink()
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(new, target)
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    elif aside.exists():
+        aside.unlink()
 
 
 def wiring_parameters(net: nn.Module) -> list[nn.Parameter]:

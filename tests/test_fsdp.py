@@ -161,6 +161,50 @@ def scenario_resume(rank: int, out: Path) -> dict:
     return records
 
 
+def scenario_interrupted_save(rank: int, out: Path) -> dict:
+    """A sharded save killed half-way: the last.ckpt of step 2 stays as it was (not half
+    overwritten), the next save clears what the failed one left, and the run resumes from it."""
+    import hashlib
+
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import model_parallel
+
+    train = rows(data("llm", WORLD * 4 * B, seed=4), slice(rank * 4 * B, (rank + 1) * 4 * B))
+    folder = out / "checkpoints"
+
+    def fit(steps: int, ckpt: Path | None) -> None:
+        L.seed_everything(3, verbose=False)
+        checkpoint = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)
+        trainer = make_trainer(WORLD, 8, [checkpoint, StopAfter(steps)], out, strategy=sharded_strategy(), enable_checkpointing=True)
+        trainer.fit(build("llm"), own_loader(train), ckpt_path=ckpt)
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "last.ckpt").iterdir())}
+
+    fit(2, None)
+    before = digests()
+    original = model_parallel._distributed_checkpoint_save
+
+    def dies_half_way(state: dict, path: Path) -> None:
+        (Path(path) / f"__{rank}_0.distcp").write_bytes(b"half a shard")
+        raise OSError("disk full (simulated)")
+
+    model_parallel._distributed_checkpoint_save = dies_half_way
+    try:
+        fit(4, folder / "last.ckpt")
+        raised = None
+    except OSError as exc:
+        raised = str(exc)
+    finally:
+        model_parallel._distributed_checkpoint_save = original
+    dist.barrier()
+    after_failure, left = digests(), sorted(p.name for p in folder.iterdir())
+    fit(4, folder / "last.ckpt")
+    return {"raised": raised, "before": before, "after_failure": after_failure, "left_after_failure": left,
+            "left_at_the_end": sorted(p.name for p in folder.iterdir()), "final": sorted(digests())}
+
+
 def logged_scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar written to the TensorBoard event files under ``root``: tag -> [(step, value)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -181,6 +225,7 @@ def scenarios() -> dict[str, Any]:
     for case in CASES:
         table[f"ddp-step-{case}"] = lambda rank, out, c=case: _ddp_step(c, rank, out)
     table["resume"] = scenario_resume
+    table["interrupted-save"] = scenario_interrupted_save
     return table
 
 
@@ -266,6 +311,15 @@ def test_sharded_checkpoints_resume_exactly_with_every_callback(ranks):
         assert [s for s, _ in tags[tag]] == [2, 4, 6, 8], (tag, tags[tag])
         assert sorted(resumed["scalars"][tag]) == sorted(tags[tag]), tag  # the same values, resumed or not
     assert any("gates" in p for p in straight["pictures"]), straight["pictures"]
+
+
+def test_a_sharded_save_that_dies_keeps_the_previous_checkpoint(ranks):
+    for r in per_rank(ranks, "interrupted-save"):
+        assert r["raised"] == "disk full (simulated)"
+        assert r["after_failure"] == r["before"]  # every file of step 2's checkpoint untouched
+        assert r["left_after_failure"] == ["last.ckpt", "last.ckpt.saving"]
+        assert r["left_at_the_end"] == ["last.ckpt"]  # the next save cleared the half-written folder
+        assert r["final"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
 def test_a_sharded_checkpoint_is_read_for_its_metadata_and_refused_where_weights_are_needed(tmp_path):
