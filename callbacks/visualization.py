@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,76 @@ def gate_figure(
         value_label = "std over tokens"
     else:
         value_label = "mean weight over tokens" if conn.per_token else "weight"
-    note = None
-    if isinstance(conn, StreamWiring) and not spread:
-        streams = f"{conn.num_streams} residual stream" + ("s" if conn.num_streams != 1 else "")
-        note = f"unrolled from {streams}: rows are not convex weights; entries can exceed 1"
+    note = None if spread else stream_note(conn)
     return wiring_figure(
         matrix, title, annotate, cmap, labels=layer_labels(conn.num_layers, parts), unit=layer_unit(parts),
         readable=readable_mask(conn), value_label=value_label, note=note,
     )  # fmt: skip
+
+
+def stream_note(conn: Connectivity) -> str | None:
+    """How to read the matrix of a multi-stream wiring (hyper, mhc), unrolled from its stream maps;
+    None for the other wirings."""
+    if not isinstance(conn, StreamWiring):
+        return None
+    streams = f"{conn.num_streams} residual stream" + ("s" if conn.num_streams != 1 else "")
+    return f"unrolled from {streams}: rows are not convex weights; entries can exceed 1"
+
+
+def _numbers(matrix: Tensor) -> list[list[float]]:
+    """A (K, K+1) matrix as lists of floats with 6 significant digits (a spread of 1e-8 keeps its digits)."""
+    return [[float(f"{v:.6g}") for v in row] for row in matrix.tolist()]
+
+
+def gate_matrix(
+    conn: Connectivity,
+    coefficients: Tensor,
+    spread: Tensor | None = None,
+    parts: Sequence[str] | None = None,
+    *,
+    step: int | None = None,
+    stack: str | None = None,
+) -> dict:
+    """The numbers behind a :func:`gate_figure` heatmap, as :class:`GateVisualization` writes them to
+    ``gates/[<stack>_]wiring_step<step>.json``.
+
+    Keys: ``wiring`` (``conn.name``), ``stack`` (None for a single stack), ``step``, ``num_layers``
+    K, ``unit`` (``block`` or ``sub-layer``), ``labels`` (the K+1 state names of rows and columns,
+    :func:`layer_labels`), ``value_label`` (what the values are, as the colour bar says), ``note``
+    (how to read a multi-stream wiring's unrolled matrix, or None), ``per_token``,
+    ``coefficients`` (K, K+1) (``coefficients()``: for per-token wirings the token mean),
+    ``spread`` (K, K+1) (``coefficient_spread()``: the standard deviation over the tokens, or None)
+    and ``readable`` (one string of ``0``/``1`` per row: the entries the wiring can read at all,
+    :func:`readable_mask`). Values keep 6 significant digits.
+    """
+    k = conn.num_layers
+    mask = readable_mask(conn)  # (K, K+1)
+    return {
+        "wiring": conn.name,
+        "stack": stack,
+        "step": step,
+        "num_layers": k,
+        "unit": layer_unit(parts),
+        "labels": layer_labels(k, parts),
+        "value_label": "mean weight over tokens" if conn.per_token else "weight",
+        "note": stream_note(conn),
+        "per_token": bool(conn.per_token),
+        "coefficients": _numbers(coefficients.detach().float().cpu()),
+        "spread": None if spread is None else _numbers(spread.detach().float().cpu()),
+        "readable": ["".join("1" if r else "0" for r in row) for row in mask.tolist()],
+    }
+
+
+def matrix_json(data: dict) -> str:
+    """JSON text of a :func:`gate_matrix` dict: one key a line, one matrix row a line."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            text = "[\n" + ",\n".join(f"  {json.dumps(row)}" for row in value) + "\n ]"
+        else:
+            text = json.dumps(value)
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 class GateVisualization(Callback):
@@ -89,7 +152,10 @@ class GateVisualization(Callback):
       deviation of each weight over the tokens, also as ``token_spread_step<step>.png``) and
       ``gates/token_spread/row_<j>`` (its mean over row j's entries),
     - ``<log_dir>/gates/[<stack>_]wiring_step<step>.png``: the same heatmap as a PNG file, for
-      people who do not use TensorBoard.
+      people who do not use TensorBoard, and beside it ``[<stack>_]wiring_step<step>.json``, the
+      numbers it draws (:func:`gate_matrix`: the coefficients, the token spread of per-token
+      wirings, the row and column names, the entries the wiring reads), so that a report can draw
+      them again at the size and on the colour scale it needs.
 
     Rows and columns are named by the layer a state comes after: ``emb``, ``1``..``K`` for whole
     blocks, ``emb``, ``attn 1``, ``mlp 1``, ... at ``granularity: sublayer`` (read from the
@@ -104,7 +170,8 @@ class GateVisualization(Callback):
     Args:
         every_n_steps: draw after every this many optimiser steps.
         annotate: write each weight's value in its cell (skipped for more than 24 blocks).
-        save_png: also save each heatmap as a PNG file under ``<log_dir>/gates/``.
+        save_png: also save each heatmap as a PNG file under ``<log_dir>/gates/``, and the
+            matrix of each wiring heatmap as a JSON file beside it.
         cmap: matplotlib colour map of the heatmap for non-negative weights (weights with negative
             entries use a diverging map centred on 0).
     """
@@ -168,6 +235,12 @@ class GateVisualization(Callback):
                     scalars[stack_tag("gates", name, f"token_spread/row_{j}", several)] = float(spread[j, : j + 2].mean())
                 if writers or png:
                     self._publish(writers, png, conn, spread, "token_spread", "token spread", parts, name, several, step)
+            if png:
+                prefix = f"{name}_" if several else ""
+                data = gate_matrix(conn, c, spread, parts, step=step, stack=name if several else None)
+                path = self.log_dir / "gates" / f"{prefix}wiring_step{step:07d}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(matrix_json(data), encoding="utf-8")
             gates = conn.gate_parameters()
             if gates and writers:
                 values = torch.cat([p.detach().float().flatten().cpu() for p in gates])

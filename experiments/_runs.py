@@ -77,7 +77,9 @@ def portable(text: str) -> str:
 
 class RunRecords:
     """Finished runs as small files meant to be committed: ``<folder>/<name>.json`` and, when the
-    run saved a wiring heatmap, ``<folder>/<name>_gates.png`` (no checkpoints, no event files).
+    run saved a wiring heatmap, ``<folder>/<name>_gates.png`` (no checkpoints, no event files);
+    the numbers of that heatmap, when the run saved them (:func:`final_gate_matrix`), go into the
+    JSON as ``gates_matrix`` (GateVisualization's dict: coefficients, token spread, row names).
 
     ``build(runs_dir, spec, done)`` reads a finished run's folder (``done``: its ``DONE.json``) and
     returns what the report needs (curves, final loss, ...); :meth:`write` adds the spec, the
@@ -124,15 +126,36 @@ class RunRecords:
             "jobs": done.get("jobs"),
             **self.build(runs_dir, spec, done),
             "gates_png": None,
+            "gates_matrix": None,
         }
         png = final_gate_png(runs_dir, spec.name)
         if png is not None:
             small_png(png, self.png_path(spec.name), self.png_max_px)
             record["gates_png"] = self.png_path(spec.name).name
             self.written.append(self.png_path(spec.name))
-        atomic_write_bytes(self.json_path(spec.name), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        matrix = final_gate_matrix(runs_dir, spec.name)
+        if matrix is not None:  # the numbers of that heatmap, for the reports to draw again
+            record["gates_matrix"] = json.loads(matrix.read_text(encoding="utf-8"))
+        atomic_write_bytes(self.json_path(spec.name), record_json(record).encode("utf-8"))
         self.written.append(self.json_path(spec.name))
         return record
+
+
+def record_json(record: dict) -> str:
+    """The JSON text of a record: indented by 1, with each row of the ``gates_matrix`` matrices on
+    one line (a 64 x 65 matrix takes 64 lines, not 4,160)."""
+    matrix = record.get("gates_matrix")
+    if not matrix:
+        return json.dumps(record, indent=1) + "\n"
+    text = json.dumps({**record, "gates_matrix": "@gates_matrix@"}, indent=1)
+    lines = []
+    for key, value in matrix.items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            value_text = "[\n" + ",\n".join(f"   {json.dumps(row)}" for row in value) + "\n  ]"
+        else:
+            value_text = json.dumps(value)
+        lines.append(f"  {json.dumps(key)}: {value_text}")
+    return text.replace('"@gates_matrix@"', "{\n" + ",\n".join(lines) + "\n }", 1) + "\n"
 
 
 def small_png(src: Path, dst: Path, max_px: int = 900) -> None:
@@ -380,6 +403,14 @@ def final_gate_png(runs_dir: Path, name: str) -> Path | None:
     return found[-1] if found else None
 
 
+def final_gate_matrix(runs_dir: Path, name: str) -> Path | None:
+    """The numbers of the last wiring heatmap GateVisualization saved for a run
+    (``<log_dir>/gates/wiring_step*.json`` beside :func:`final_gate_png`, the highest step); None
+    if there is none (runs from before the callback wrote them)."""
+    found = sorted(log_dir(runs_dir, name).glob("gates/wiring_step*.json"))
+    return found[-1] if found else None
+
+
 def done_info(runs_dir: Path, name: str) -> dict:
     """The run's ``DONE.json`` (command, wall time, meta)."""
     return json.loads((run_dir(runs_dir, name) / "DONE.json").read_text(encoding="utf-8"))
@@ -534,15 +565,77 @@ def difference_of_differences(first: dict | None, second: dict | None) -> dict |
     return {"diff": diff, "se": se, "t": t, "df": df, "p": two_sided_p(t, df)}
 
 
+def benjamini_hochberg(pvalues: list[float | None]) -> list[float | None]:
+    """Benjamini-Hochberg adjusted p-values, in the order given: with the ``m`` p-values that are
+    not None sorted, ``p_(k)`` becomes ``min over j >= k of m p_(j) / j``, capped at 1 (the step-up
+    procedure: a test whose adjusted p is at most ``q`` is rejected at false discovery rate ``q``).
+    None (a test that has no p) passes through as None and does not count in ``m``. The adjusted
+    values keep the order of the raw ones and are never below them."""
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None and not math.isnan(p))
+    m = len(present)
+    out: list[float | None] = [None] * len(pvalues)
+    smallest = 1.0
+    for rank in range(m, 0, -1):
+        p, i = present[rank - 1]
+        smallest = min(smallest, p * m / rank)
+        out[i] = smallest
+    return out
+
+
+def add_benjamini_hochberg(family: list[dict | None], key: str = "p", adjusted: str = "p_bh") -> int:
+    """Add ``adjusted`` (Benjamini-Hochberg, :func:`benjamini_hochberg`) to every stats dict of one
+    family of tests in place, from its ``key``; None entries are skipped, a dict listed twice counts
+    once, a dict without a p gets ``adjusted`` None. Returns the family's size ``m`` (the tests with
+    a p). Which tests form the family is the caller's choice: the drivers take every p-value that
+    one table of their report shows."""
+    unique = list({id(s): s for s in family if s is not None}.values())
+    for stats, q in zip(unique, benjamini_hochberg([s.get(key) for s in unique])):
+        stats[adjusted] = q
+    return sum(s.get(key) is not None for s in unique)
+
+
+def sign_test(differences: list[float]) -> dict:
+    """The sign test of paired differences (a wiring's loss minus residual's with the same seed):
+    ``wins`` counts the differences below 0 (the wiring's loss is lower), ``losses`` those above 0,
+    ``ties`` the zeros, which are left out; ``n = wins + losses``. ``p``: two-sided exact binomial
+    test of ``wins`` out of ``n`` against 1/2 (``scipy.stats.binomtest``), None when ``n`` is 0.
+    It counts only signs, so one large gap weighs no more than a small one."""
+    wins = sum(d < 0 for d in differences)
+    losses = sum(d > 0 for d in differences)
+    n = wins + losses
+    p = None
+    if n > 0:
+        from scipy.stats import binomtest
+
+        p = float(binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
+    return {"n": n, "wins": wins, "losses": losses, "ties": len(differences) - n, "p": p}
+
+
+def fmt_p(p: float | None, name: str = "p") -> str:
+    """``p 0.03`` (two significant digits), ``p < 0.001``, or empty for None; ``name`` replaces ``p``."""
+    return "" if p is None else f"{name} {p:.2g}" if p >= 0.001 else f"{name} < 0.001"
+
+
 def fmt_t(stats: dict | None) -> str:
-    """``-0.0123 +- 0.0045 (t -2.7, p 0.03)`` for a :func:`welch`, :func:`paired` or
-    :func:`difference_of_differences` result (no ``p`` where it has none), ``-`` for None."""
+    """``-0.0123 +- 0.0045 (t -2.7, p 0.03, BH 0.21)`` for a :func:`welch`, :func:`paired` or
+    :func:`difference_of_differences` result (no ``p`` where it has none; ``BH``, the
+    Benjamini-Hochberg adjusted p of :func:`add_benjamini_hochberg`, where it has one), ``-`` for None."""
     if stats is None:
         return "-"
     t = "-" if stats["t"] is None else f"{stats['t']:+.1f}"
-    p = stats.get("p")
-    p = "" if p is None else f", p {p:.2g}" if p >= 0.001 else ", p < 0.001"
+    p = "".join(f", {s}" for s in (fmt_p(stats.get("p")), fmt_p(stats.get("p_bh"), "BH")) if s)
     return f"{stats['diff']:+.4f} +- {stats['se']:.4f} (t {t}{p})"
+
+
+def fmt_sign(stats: dict | None) -> str:
+    """``7/8 (p 0.07, BH 0.21)`` for a :func:`sign_test` result: wins (the wiring's loss lower) of
+    the ``n`` pairs that are not ties (``+1 tie`` when there are), p and, where added, the
+    Benjamini-Hochberg adjusted p; ``-`` for None or no pairs."""
+    if stats is None or not stats["n"] + stats["ties"]:
+        return "-"
+    ties = f" +{stats['ties']} tie{'s' if stats['ties'] > 1 else ''}" if stats["ties"] else ""
+    p = "".join(f", {s}" for s in (fmt_p(stats.get("p")), fmt_p(stats.get("p_bh"), "BH")) if s)
+    return f"{stats['wins']}/{stats['n']}{ties} ({p.removeprefix(', ')})" if p else f"{stats['wins']}/{stats['n']}{ties}"
 
 
 def machine() -> dict:

@@ -24,15 +24,22 @@ from the records). The report (``--out``, default ``experiments/out/ancre_ablati
 
 - ``results.json``: one record per run, the summary per phase and variant (final validation loss
   mean, std, min, max, minus residual's, the step each seed reaches residual's final loss, the
-  stream's growth at the end);
+  stream's growth at the end), the sign tests against residual (``sign_tests``), and beside every
+  test's ``p`` its Benjamini-Hochberg adjusted ``p_bh`` (``p_value_families``: each family's size);
 - ``short_losses.png``: final validation loss per variant, every seed a point;
 - ``short_curves.png`` / ``long_curves.png``: validation loss against step (mean, min-max band);
 - ``long_gap.png``: each variant's validation loss minus its same-seed residual run's, against step
   (every seed a thin line, their mean thick): where a variant falls behind, crosses and leads;
 - ``stream_growth.png`` / ``long_stream_growth.png``: the output's RMS over the embedding's during
   training, per variant, and the profile after every block at the end;
-- ``gates.png`` / ``long_gates.png``: the learned wirings at the end of each phase (lowest seed);
-- ``table.md``: both phases as tables.
+- ``gates.png`` / ``long_gates.png``: the learned wirings at the end of each phase (lowest seed),
+  redrawn from their matrices (``gates_matrix``, or the ANCRe coefficients of the last
+  checkpoint) on one 0-to-1 colour scale (``experiments/_figures.py``); when the short phase has
+  more panels than one figure holds legibly, the sub-layer variants go to ``gates_sublayer.png``;
+- ``table.md``: both phases as tables, then the sign tests of every variant against residual over
+  seeds (per phase, and pooled over both phases for the variants of the long phase). Every p-value
+  has its Benjamini-Hochberg adjusted value (``BH``) beside it: the t-tests of both phases are one
+  family, the sign tests another.
 
 Commands::
 
@@ -54,7 +61,9 @@ from _runs import (  # noqa: E402
     EXPERIMENTS,
     RunRecords,
     RunSpec,
+    add_benjamini_hochberg,
     ancre_coefficients,
+    fmt_sign,
     fmt_t,
     last_checkpoint,
     launch_unless_report_only,
@@ -64,10 +73,12 @@ from _runs import (  # noqa: E402
     portable,
     resolve_folders,
     run_record,
+    sign_test,
     sweep_parser,
     write_report,
 )
-from depth_scaling import ANNEAL, QUICK, collect, colors, fmt, plot_curves_deepest, plot_gates_deepest, run_summary, summarize  # noqa: E402
+from _figures import colors  # noqa: E402
+from depth_scaling import ANNEAL, QUICK, collect, fmt, plot_curves_deepest, plot_gates_deepest, run_summary, summarize  # noqa: E402
 
 CONFIG = EXPERIMENTS / "configs" / "depth_scaling.yaml"
 DEPTH = 16
@@ -204,12 +215,48 @@ def pick_long(short: dict, wanted: int = LONG_PICKED) -> list[str]:
     return ["ancre", *ranked[: wanted - 1]]
 
 
+def sign_tests(phases: dict[str, list[dict]]) -> dict:
+    """Sign tests (:func:`sign_test`) of every variant but residual against residual, pairing runs
+    of one phase with the same seed (the same initialisation seed and data order); ``phases``:
+    phase name -> its rows. ``{variant: {phase: test, ..., "pooled": test}}``: per phase over its
+    seeds, and ``pooled`` over every phase's pairs together (the short and the long run of a seed
+    are separate runs) for a variant with pairs in more than one phase. Wins: the variant's final
+    loss is below residual's."""
+    out: dict[str, dict] = {}
+    pooled: dict[str, list[float]] = {}
+    for phase, rows in phases.items():
+        ref = {r["seed"]: r["final_val_loss"] for r in rows if r["wiring"] == "residual"}
+        for v in dict.fromkeys(r["wiring"] for r in rows if r["wiring"] != "residual"):
+            mine = {r["seed"]: r["final_val_loss"] for r in rows if r["wiring"] == v}
+            diffs = [mine[seed] - ref[seed] for seed in sorted(set(mine) & set(ref))]
+            if diffs:
+                out.setdefault(v, {})[phase] = sign_test(diffs)
+                pooled.setdefault(v, []).extend(diffs)
+    for v, tests in out.items():
+        if len(tests) > 1:
+            tests["pooled"] = sign_test(pooled[v])
+    return out
+
+
+def adjust_p_values(summaries: dict[str, dict], signs: dict) -> dict:
+    """Benjamini-Hochberg adjusted p-values (``p_bh`` beside every ``p``, in place) over two
+    families, each every p-value of one kind that ``table.md`` shows: ``t_tests``, Welch's and
+    paired by seed against residual of every variant in every phase (``summaries``: phase name ->
+    :func:`phase_summary`), and ``sign_tests``, every test of :func:`sign_tests` (a family of its
+    own, since it asks the t-tests' questions again of the same runs). Returns each family's size
+    (the tests with a p)."""
+    t_tests = [e.get(k) for summary in summaries.values() for e in summary.values()
+               for k in ("minus_residual_welch", "minus_residual_paired")]
+    return {"method": "Benjamini-Hochberg", "t_tests": add_benjamini_hochberg(t_tests),
+            "sign_tests": add_benjamini_hochberg([t for tests in signs.values() for t in tests.values()])}
+
+
 # --------------------------------------------------------------------------- figures and tables
 
 def plot_short_losses(rows: list[dict], summary: dict, path: Path) -> None:
     """Final validation loss per variant (sorted), every seed a point, the mean a bar; residual's mean a line."""
     order = sorted(summary, key=lambda v: summary[v]["final_val_loss_mean"])
-    col = colors(list(VARIANTS))
+    col = colors(order)  # one fixed colour per wiring (_figures.WIRING_COLORS)
     fig = new_figure(8.5, 0.32 * len(order) + 1.6)
     ax = fig.subplots()
     for y, v in enumerate(order):
@@ -230,7 +277,7 @@ def plot_short_losses(rows: list[dict], summary: dict, path: Path) -> None:
 def plot_stream(rows: list[dict], variants: list[str], path: Path) -> None:
     """Left: the output's RMS over the embedding's during training (mean over seeds); right: the
     profile after every block at the end (seed 0 or the lowest)."""
-    col = colors(list(VARIANTS))
+    col = colors(variants)  # one fixed colour per wiring, whichever wirings these are
     fig = new_figure(12, 4.6)
     axes = fig.subplots(1, 2)
     for v in variants:
@@ -257,7 +304,7 @@ def plot_stream(rows: list[dict], variants: list[str], path: Path) -> None:
 def plot_gap(rows: list[dict], variants: list[str], path: Path) -> None:
     """Validation loss minus the same seed's residual run against step, per variant: every seed a
     thin line, the mean over seeds thick; below zero the variant is ahead."""
-    col = colors(list(VARIANTS))
+    col = colors(variants)  # one fixed colour per wiring, whichever wirings these are
     fig = new_figure(8.5, 4.6)
     ax = fig.subplots()
     for v in variants:
@@ -280,7 +327,7 @@ def phase_table(title: str, summary: dict) -> list[str]:
     """Markdown rows of one phase, ranked by mean final validation loss."""
     lines = [f"{title}:", "",
              "| rank | variant | what changes | seeds | final val loss (mean +- std) | min..max | minus residual | "
-             "minus residual +- se (Welch t, p) | paired by seed: minus residual +- se (t, p) | "
+             "minus residual +- se (Welch t, p, BH) | paired by seed: minus residual +- se (t, p, BH) | "
              "steps to residual's loss (fraction, per seed) | ahead of its residual twin from step (per seed) | "
              "stream growth at the end | wall per run (min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -297,6 +344,21 @@ def phase_table(title: str, summary: dict) -> list[str]:
     return lines + [""]
 
 
+def sign_table(signs: dict, phases: dict[str, str]) -> list[str]:
+    """Markdown rows of the sign tests (:func:`sign_tests`); ``phases``: phase name -> its column title."""
+    lines = ["Sign tests against residual. A sign test counts the pairs of runs with the same seed (the same "
+             "initialisation seed and data order) in which the variant's final loss is below residual's (wins/n, "
+             "ties left out) and gives the two-sided exact binomial p of that count if either side were equally "
+             "likely; it counts signs only, not the sizes of the gaps. Pooled: both phases' pairs together (two "
+             "budgets: a variant has to win at both to reach a small p). BH: over every p-value of this table, a "
+             "family of its own.", "",
+             "| variant | " + " | ".join(phases.values()) + " | pooled over both phases |",
+             "|---|" + "---|" * (len(phases) + 1)]
+    for v, tests in signs.items():
+        lines.append(f"| {v} | " + " | ".join(fmt_sign(tests.get(ph)) for ph in phases) + f" | {fmt_sign(tests.get('pooled'))} |")
+    return lines + [""]
+
+
 def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: list[RunSpec], long_variants: list[str] | None) -> dict:
     """Read the finished runs' records and write the figures, ``results.json`` and ``table.md``."""
     out = args.out
@@ -305,14 +367,18 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
     short_rows, long_rows = phase_rows(records, short_specs), phase_rows(records, long_specs)
     short = phase_summary(short_rows, variants)
     long = phase_summary(long_rows, list(dict.fromkeys(s.meta["wiring"] for s in long_specs)))
-    figures, lines = [], []
+    signs = sign_tests({"short": short_rows, "long": long_rows})
+    families = adjust_p_values({"short": short, "long": long}, signs)
+    figures = []
+    lines = [f"p: two-sided, uncorrected. BH: the Benjamini-Hochberg adjusted p (false discovery rate) over one "
+             f"family, every t-test p-value in this file ({families['t_tests']}: both phases); the sign tests at the "
+             f"end are a family of their own ({families['sign_tests']}).", ""]
     if short_rows:
         figures += [out / "short_losses.png", out / "short_curves.png", out / "stream_growth.png"]
         plot_short_losses(short_rows, short, figures[0])
         plot_curves_deepest(short_rows, by_depth(short), DEPTH, figures[1])
         plot_stream(short_rows, variants, figures[2])
-        if plot_gates_deepest(short_rows, [v for v in variants if v.startswith("ancre")], DEPTH, out / "gates.png"):
-            figures.append(out / "gates.png")
+        figures += plot_gates_deepest(short_rows, [v for v in variants if v.startswith("ancre")], DEPTH, out / "gates.png")
         lines += phase_table(f"Short phase ({short_rows[0]['final_step']} steps, {DEPTH} blocks of width 64)", short)
     if long_rows:
         long_names = list(long)
@@ -320,9 +386,11 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
         plot_curves_deepest(long_rows, by_depth(long), DEPTH, figures[-3])
         plot_gap(long_rows, long_names, figures[-2])
         plot_stream(long_rows, long_names, figures[-1])
-        if plot_gates_deepest(long_rows, [v for v in long_names if v.startswith("ancre")], DEPTH, out / "long_gates.png"):
-            figures.append(out / "long_gates.png")
+        figures += plot_gates_deepest(long_rows, [v for v in long_names if v.startswith("ancre")], DEPTH, out / "long_gates.png")
         lines += phase_table(f"Long phase ({long_rows[0]['final_step']} steps)", long)
+    if signs:
+        lines += sign_table(signs, {phase: f"{phase} ({rows[0]['final_step']} steps)"
+                                    for phase, rows in (("short", short_rows), ("long", long_rows)) if rows})
     all_rows = short_rows + long_rows
     head = run_record(args.runs_dir, {r["name"]: r for r in all_rows}, len(short_specs) + len(long_specs), records)
     results = {
@@ -333,7 +401,9 @@ def report(args, records: RunRecords, short_specs: list[RunSpec], long_specs: li
         "long_variants": long_variants,
         "short": short,
         "long": long,
-        "runs": [{**{k: v for k, v in r.items() if k != "val_loss_by_wall_s"}, "gates_png": r["gates_png"] and portable(r["gates_png"])}
+        "sign_tests": signs,
+        "p_value_families": families,
+        "runs": [{**{k: v for k, v in r.items() if k not in ("val_loss_by_wall_s", "gates_matrix")}, "gates_png": r["gates_png"] and portable(r["gates_png"])}
                  for r in all_rows],
     }
     write_report(out, results, "\n".join(lines) + "\n", figures)

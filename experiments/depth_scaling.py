@@ -19,7 +19,8 @@ outlive the session. When a run finishes (exit status 0) the driver writes its r
 ``<out>/runs/`` (default ``experiments/out/depth_scaling/runs/``), meant to be committed:
 ``<name>.json`` (spec and meta, command, start and wall time, final validation loss, the ``val/*``
 and ``train/*`` curves as ``[step, value, seconds since the start]``, tokens/s, parameter count) and
-``<name>_gates.png`` (its last wiring heatmap, shrunk to 900 px at most). Before the record is written
+``<name>_gates.png`` (its last wiring heatmap, shrunk to 900 px at most; the heatmap's numbers go
+into the JSON as ``gates_matrix``). Before the record is written
 the run's final weights are also evaluated on the whole validation split (64k tokens; training
 evaluates its first 16k), ``final_val_loss_full``. A run is finished when its
 record exists; a run folder that finished but has no record (e.g. one from before records) gets
@@ -29,17 +30,26 @@ works on a fresh clone that has no ``experiments/runs/``. The report (``--out``,
 
 - ``results.json``: one record per run (wiring, depth, seed, final validation loss, the step at
   which it reaches residual's final loss at the same depth, wall time, tokens/s, parameter count,
-  its curves), the summary per wiring and depth, the depth gains, the pairs that got a third
-  seed, and the step times measured by ``--measure`` (when ``step_times.json`` is in ``--out``);
+  its curves), the summary per wiring and depth, the depth gains, the pooled sign tests
+  (``sign_tests``), the pairs that got a third seed, and the step times measured by ``--measure``
+  (when ``step_times.json`` is in ``--out``); every test's ``p`` has its Benjamini-Hochberg
+  adjusted ``p_bh`` beside it (``p_value_families``: the size of each family);
 - ``loss_vs_depth.png``: final validation loss against depth per wiring (mean, min-max band), and
   the same minus residual's mean;
 - ``curves_deepest.png``: validation loss against step at the deepest depth (mean, min-max band);
 - ``walltime_deepest.png``: validation loss against wall-clock time at the deepest depth (every run);
-- ``gates_deepest.png``: the learned wirings at the end, deepest depth, lowest seed (the
-  GateVisualization heatmaps of each run, as copied into the records);
+- ``gates_deepest.png``, ``gates_deepest_scaled.png``, ``gates_deepest_signed.png``: the learned
+  wirings at the end, deepest depth, lowest seed, redrawn from the matrices GateVisualization
+  saved (copied into the records as ``gates_matrix``), one figure per kind of matrix with one
+  colour scale each: weights of 0 to 1 (residual, ANCRe, ACN), weights that can exceed 1 (AttnRes,
+  mHC), signed coefficients (DenseFormer, hyper-connections, MUDD); a record from before the
+  matrices were saved shows its saved PNG instead (``experiments/_figures.py``);
 - ``table.md``: the leaderboard (loss by depth; whether depth pays off, the change from the
   shallowest to the deepest depth against residual's, with its standard error and Welch's t;
-  and per depth ranked by loss, each gap to residual with its error and t).
+  sign tests against residual pooled over depths and seeds, per depth, and of the depth gain per
+  seed; and per depth ranked by loss, each gap to residual with its error and t). Every p-value
+  has its Benjamini-Hochberg adjusted value (``BH``) beside it: the t-tests of the whole table
+  are one family, the sign tests another.
 
 Finished runs are skipped, so the same command resumes an interrupted sweep (a run that was cut
 off starts again from scratch); ``--start-until HOURS`` starts no run after that many hours, so a
@@ -71,7 +81,9 @@ from _runs import (  # noqa: E402
     EXPERIMENTS,
     RunRecords,
     RunSpec,
+    add_benjamini_hochberg,
     difference_of_differences,
+    fmt_sign,
     fmt_t,
     full_validation,
     interpolate_crossing,
@@ -86,12 +98,14 @@ from _runs import (  # noqa: E402
     read_scalar_events,
     resolve_folders,
     run_record,
+    sign_test,
     sweep_parser,
     validation_curve,
     validation_shift,
     welch,
     write_report,
 )
+from _figures import colors, gate_panel, wiring_figures  # noqa: E402,F401  (colors: one fixed colour per wiring, also for importers)
 
 PRESETS = {
     "cpu": EXPERIMENTS / "configs" / "depth_scaling.yaml",
@@ -125,14 +139,26 @@ QUICK_SHALLOW = ["residual", "ancre"]
 STARTUP_S = 20.0
 
 
+#: controls that run only when ``--wirings`` names them (not in the sweep's table): attention
+#: residuals with their queries and key gains frozen at zero and one, i.e. the residual network
+#: computed through attnres's merge (it must train like residual), and the literal depth average
+#: (``weight_sum: one``) that the first sweep ran; ``--wirings attnres-frozen --depths 4 32``
+CONTROLS = {
+    "attnres-frozen": ("attnres", {"block_size": 1, "learn_queries": False}, "sublayer"),
+    "attnres-average": ("attnres", {"block_size": 1, "weight_sum": "one"}, "sublayer"),
+}
+
+
 def family(wiring: str) -> tuple[str, dict, str]:
     """(connectivity, options, granularity) of a wiring: the benchmark's family variants;
-    ``ancre-anneal`` is the ``ancre`` model."""
+    ``ancre-anneal`` is the ``ancre`` model; the :data:`CONTROLS`."""
     from ancre_lightning.bench._common import WIRINGS as FAMILIES
 
+    if wiring in CONTROLS:
+        return CONTROLS[wiring]
     base = "ancre" if wiring == "ancre-anneal" else wiring
     if base not in FAMILIES:
-        raise SystemExit(f"unknown wiring {wiring!r}; known: {', '.join(WIRINGS)} (or any of {', '.join(FAMILIES)})")
+        raise SystemExit(f"unknown wiring {wiring!r}; known: {', '.join([*WIRINGS, *CONTROLS])} (or any of {', '.join(FAMILIES)})")
     return FAMILIES[base]
 
 
@@ -198,6 +224,17 @@ def _curve(points: list[tuple[int, float, float]], start: float) -> list[list]:
     return [[step, float(f"{v:.6g}"), round(t - start, 2)] for step, v, t in points]
 
 
+#: training tokens/s in a run's event files, newest convention first: the ThroughputMonitor that
+#: ``ancre fit`` adds (all devices, then one device: the sweeps run on one), then the module's own
+#: ``train/tokens_per_s`` of runs before it
+THROUGHPUT_TAGS = ("train/items_per_sec", "train/device/items_per_sec", "train/tokens_per_s")
+
+
+def throughput_tag(events: dict) -> str:
+    """The tag of the training tokens/s in ``events`` (the first of :data:`THROUGHPUT_TAGS` present)."""
+    return next((tag for tag in THROUGHPUT_TAGS if tag in events), THROUGHPUT_TAGS[0])
+
+
 def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
     """What the report needs of a finished run, read from its folder (the body of its record):
     the final validation loss, the validation, training and stream curves (``val/*``, ``train/*``
@@ -213,7 +250,7 @@ def run_summary(runs_dir: Path, s: RunSpec, done: dict) -> dict:
         raise ValueError(f"{s.name}: no val/loss in its event files")
     config = run_config(runs_dir, s.name)
     data = config["data"]["init_args"]
-    throughput = [v for _, v, _ in events.get("train/tokens_per_s", [])]
+    throughput = [v for _, v, _ in events.get(throughput_tag(events), [])]
     return {
         "final_step": val[-1][0],
         "final_val_loss": val[-1][1],
@@ -253,6 +290,9 @@ def collect(records: RunRecords, run_specs: list[RunSpec]) -> list[dict]:
             "val_loss": [(step, v) for step, v, _ in val],
             "val_loss_by_wall_s": [(t, v) for _, v, t in val],
             "gates_png": rec.get("gates_png"),
+            # the final wiring's numbers: GateVisualization's (newer records), else the ANCRe
+            # coefficients the ablation reads from the checkpoint (one stack), else None
+            "gates_matrix": rec.get("gates_matrix") or next(iter((rec.get("coefficients") or {}).values()), None),
         })
     add_steps_to_residual(rows)
     return rows
@@ -333,8 +373,7 @@ def depth_gains(records: list[dict], wirings: list[str], depths: list[int]) -> d
     shallow, deep = min(depths), max(depths)
 
     def changes(w: str) -> dict[int, float]:
-        a, b = losses_by_seed(records, w, deep), losses_by_seed(records, w, shallow)
-        return {s: a[s] - b[s] for s in set(a) & set(b)}
+        return changes_by_seed(records, w, shallow, deep)
 
     base = welch(final_losses(records, "residual", deep), final_losses(records, "residual", shallow))
     out = {}
@@ -345,6 +384,66 @@ def depth_gains(records: list[dict], wirings: list[str], depths: list[int]) -> d
                       "minus_residual": None if w == "residual" else difference_of_differences(gain, base),
                       "minus_residual_paired": None if w == "residual" else paired(changes(w), changes("residual"))}
     return out
+
+
+def changes_by_seed(records: list[dict], wiring: str, shallow: int, deep: int) -> dict[int, float]:
+    """``{seed: final loss at deep - final loss at shallow}`` of one wiring, over the seeds it has at both."""
+    a, b = losses_by_seed(records, wiring, deep), losses_by_seed(records, wiring, shallow)
+    return {s: a[s] - b[s] for s in set(a) & set(b)}
+
+
+def sign_tests(records: list[dict], wirings: list[str], depths: list[int]) -> dict:
+    """Pooled sign tests (:func:`sign_test`) of every wiring but residual against residual, pairing
+    runs with the same seed (the same initialisation seed and data order):
+
+    - ``vs_residual``: over every (depth, seed) of ``depths`` where both have a run, the wiring's
+      final loss minus residual's (wins: the wiring's loss is lower);
+    - ``vs_residual_by_depth``: the same at each depth alone (``{depth: test}``);
+    - ``depth_gain_vs_residual``: per seed, the wiring's change from the shallowest to the deepest
+      of ``depths`` minus residual's change with that seed (wins: depth pays off more than for
+      residual); None without such a seed.
+
+    A wiring that shares no seed with residual at any depth is left out."""
+    shallow, deep = min(depths), max(depths)
+    ref_changes = changes_by_seed(records, "residual", shallow, deep)
+    out = {}
+    for w in wirings:
+        if w == "residual":
+            continue
+        by_depth, pooled = {}, []
+        for d in depths:
+            mine, ref = losses_by_seed(records, w, d), losses_by_seed(records, "residual", d)
+            diffs = [mine[s] - ref[s] for s in sorted(set(mine) & set(ref))]
+            if diffs:
+                by_depth[str(d)] = sign_test(diffs)
+                pooled += diffs
+        if not pooled:
+            continue
+        mine = changes_by_seed(records, w, shallow, deep)
+        gain = [mine[s] - ref_changes[s] for s in sorted(set(mine) & set(ref_changes))] if deep > shallow else []
+        out[w] = {"vs_residual": sign_test(pooled), "vs_residual_by_depth": by_depth,
+                  "depth_gain_vs_residual": sign_test(gain) if gain else None}
+    return out
+
+
+def adjust_p_values(summary: dict, gains: dict, signs: dict) -> dict:
+    """Benjamini-Hochberg adjusted p-values (``p_bh`` beside every ``p``, in place) over two
+    families, each every p-value of one kind that ``table.md`` shows:
+
+    - ``t_tests``: the t-tests, Welch's and paired by seed, of every wiring against residual at
+      every depth (:func:`summarize`), and of the depth gains (:func:`depth_gains`: the change from
+      the shallowest to the deepest depth, and that change minus residual's, unpaired and paired);
+    - ``sign_tests``: every test of :func:`sign_tests` (pooled, per depth, depth gain); a family of
+      its own, since it asks the t-tests' questions again of the same runs.
+
+    Returns each family's size (the tests with a p)."""
+    t_tests = [e.get(k) for by_depth in summary.values() for e in by_depth.values()
+               for k in ("minus_residual_welch", "minus_residual_paired")]
+    t_tests += [g.get(k) for g in gains.values() for k in ("gain", "minus_residual", "minus_residual_paired")]
+    signs_family = [t for s in signs.values()
+                    for t in (s["vs_residual"], *s["vs_residual_by_depth"].values(), s["depth_gain_vs_residual"])]
+    return {"method": "Benjamini-Hochberg", "t_tests": add_benjamini_hochberg(t_tests),
+            "sign_tests": add_benjamini_hochberg(signs_family)}
 
 
 # --------------------------------------------------------------------------- the third seed
@@ -380,19 +479,6 @@ def third_seed_specs(pairs: list[dict], config: Path, wirings: list[str], seed: 
 
 
 # --------------------------------------------------------------------------- figures and tables
-
-def colors(wirings: list[str]) -> dict[str, object]:
-    """One colour per wiring: residual black, the rest from tab10; beyond 10, tab20's ten dark
-    hues first and then its light ones (tab20 in its own order puts each dark hue beside its
-    light twin, and neighbours in the list would look alike)."""
-    from matplotlib import colormaps
-
-    others = [w for w in wirings if w != "residual"]
-    if len(others) <= 10:
-        return {"residual": "black", **{w: colormaps["tab10"](i) for i, w in enumerate(others)}}
-    cmap = colormaps["tab20"]
-    return {"residual": "black", **{w: cmap((2 * i + (i // 10) % 2) % 20) for i, w in enumerate(others)}}
-
 
 def off_scale(gaps: dict[str, list[float]], factor: float = 3.0, floor: float = 0.05) -> tuple[float, list[str]]:
     """The y range (+-limit) of a "minus residual" panel and the wirings left off it: every wiring
@@ -503,39 +589,37 @@ def plot_walltime_deepest(records: list[dict], depth: int, path: Path) -> None:
     fig.savefig(path)
 
 
-def plot_gates_deepest(records: list[dict], wirings: list[str], depth: int, path: Path) -> bool:
-    """The final wiring heatmap (GateVisualization's PNG) of every wiring at one depth, lowest
-    seed, in a grid; False if there is none."""
-    from matplotlib.image import imread
-
+def plot_gates_deepest(records: list[dict], wirings: list[str], depth: int, path: Path) -> list[Path]:
+    """The final wiring of every wiring at one depth (lowest seed), each panel drawn from its
+    numbers (``gates_matrix``; a record without them shows its saved PNG instead), one figure per
+    kind of matrix, each on one colour scale with one colour bar (:func:`_figures.wiring_figures`):
+    ``path`` for weights of 0 to 1, ``<stem>_scaled`` for weights that can exceed 1,
+    ``<stem>_signed`` for signed coefficients. Returns the files written ([] if no run has either)."""
     chosen = []
     for w in wirings:
-        mine = sorted((r for r in records if r["wiring"] == w and r["depth"] == depth and r.get("gates_png")), key=lambda r: r["seed"])
-        if mine and Path(mine[0]["gates_png"]).is_file():
-            chosen.append(mine[0])
+        mine = [r for r in records if r["wiring"] == w and r["depth"] == depth]
+        drawn = [r for r in mine if r.get("gates_matrix")] or [r for r in mine if r.get("gates_png") and Path(r["gates_png"]).is_file()]
+        if drawn:
+            chosen.append(min(drawn, key=lambda r: r["seed"]))
     if not chosen:
-        return False
-    ncols = min(4, len(chosen))
-    nrows = -(-len(chosen) // ncols)
-    fig = new_figure(4.2 * ncols, 4.0 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, r in zip(axes, chosen):
-        ax.imshow(imread(r["gates_png"]))
-        ax.set_title(f"{r['wiring']}, {depth} blocks, seed {r['seed']}", fontsize=8)
-        ax.axis("off")
-    for ax in axes[len(chosen):]:
-        ax.axis("off")
-    fig.savefig(path)
-    return True
+        return []
+    steps = {r["final_step"] for r in chosen}
+    panels = [gate_panel(r["wiring"], f"{r['wiring']}, seed {r['seed']}" + ("" if len(steps) == 1 else f", step {r['final_step']}"),
+                         r.get("gates_matrix"), r.get("gates_png"), depth) for r in chosen]
+    at = f", step {next(iter(steps))}" if len(steps) == 1 else ""
+    return wiring_figures(panels, path, f"Learned wirings at {depth} blocks{at}, lowest seed")
 
 
 def fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | None = None) -> str:
+def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | None = None, signs: dict | None = None,
+          families: dict | None = None) -> str:
     """Markdown: final loss by wiring and depth, whether depth pays off (``gains``, from
-    :func:`depth_gains`), then a leaderboard per depth."""
+    :func:`depth_gains`), the pooled sign tests (``signs``, from :func:`sign_tests`), then a
+    leaderboard per depth. ``families`` (from :func:`adjust_p_values`) says how many p-values each
+    Benjamini-Hochberg family holds; the ``BH`` values themselves are the stats' ``p_bh``."""
     present = [d for d in depths if any(str(d) in by_depth for by_depth in summary.values())]
     lines = ["Final validation loss (nats/byte), mean +- std over seeds (n):", "",
              "| wiring | " + " | ".join(f"{d} blocks" for d in present) + " | deepest minus shallowest |",
@@ -546,6 +630,10 @@ def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | Non
         ends = [d for d in present if str(d) in by_depth]
         gain = (by_depth[str(ends[-1])]["final_val_loss_mean"] - by_depth[str(ends[0])]["final_val_loss_mean"]) if len(ends) > 1 else None
         lines.append(f"| {w} | " + " | ".join(cells) + f" | {fmt(gain, '+.4f')} |")
+    if families:
+        lines += ["", f"p: two-sided, uncorrected. BH: the Benjamini-Hochberg adjusted p (false discovery rate) over "
+                  f"one family, every t-test p-value in this file ({families['t_tests']}: the depth-gain table and "
+                  f"every leaderboard); the sign tests are a family of their own ({families['sign_tests']})."]
     if gains:
         first = next(iter(gains.values()))
         lines += ["", f"Does depth pay off? The change of the final loss from {first['from']} to {first['to']} blocks "
@@ -559,12 +647,27 @@ def table(summary: dict, depths: list[int], pairs: list[dict], gains: dict | Non
             pair = g.get("minus_residual_paired")
             n = "" if pair is None else f" ({pair['n']})"
             lines.append(f"| {w} | {fmt_t(g['gain'])} | {fmt_t(g['minus_residual'])} | {fmt_t(pair)}{n} |")
+    if signs:
+        shallow, deep = min(depths), max(depths)
+        lines += ["", "Sign tests against residual, pooled over depths and seeds. A sign test counts the pairs of "
+                  "runs with the same seed (the same initialisation seed and data order) in which the wiring's final "
+                  "loss is below residual's (wins/n, ties left out) and gives the two-sided exact binomial p of that "
+                  "count if either side were equally likely; it counts signs only, not the sizes of the gaps. The "
+                  f"last column counts the seeds whose change from {shallow} to {deep} blocks is below residual's "
+                  "change with the same seed (depth pays off more). BH: over every p-value of this table, a family "
+                  "of its own.", "",
+                  "| wiring | all depths | " + " | ".join(f"{d} blocks" for d in present)
+                  + f" | {shallow} -> {deep} blocks minus residual's change |", "|---|---|" + "---|" * (len(present) + 1)]
+        for w, s in signs.items():
+            cells = [fmt_sign(s["vs_residual_by_depth"].get(str(d))) for d in present]
+            lines.append(f"| {w} | {fmt_sign(s['vs_residual'])} | " + " | ".join(cells)
+                         + f" | {fmt_sign(s['depth_gain_vs_residual'])} |")
     for d in present:
         rows = sorted(((w, by_depth[str(d)]) for w, by_depth in summary.items() if str(d) in by_depth),
                       key=lambda item: item[1]["final_val_loss_mean"])
         lines += ["", f"Leaderboard at {d} blocks:", "",
                   "| rank | wiring | seeds | final val loss (mean +- std) | min..max | minus residual | "
-                  "minus residual +- se (Welch t, p) | paired by seed: minus residual +- se (t, p) | "
+                  "minus residual +- se (Welch t, p, BH) | paired by seed: minus residual +- se (t, p, BH) | "
                   "steps to residual's loss (fraction, per seed) | wall per run (min) | tokens/s | parameters |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for rank, (w, e) in enumerate(rows, 1):
@@ -589,14 +692,15 @@ def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wi
     head = run_record(runs_dir, {r["name"]: r for r in records}, len(all_specs), run_records)
     summary = summarize(records, wirings, depths)
     gains = depth_gains(records, wirings, depths)
+    signs = sign_tests(records, wirings, depths)
+    families = adjust_p_values(summary, gains, signs)
     out.mkdir(parents=True, exist_ok=True)
     deepest = max(r["depth"] for r in records)
     figures = [out / "loss_vs_depth.png", out / "curves_deepest.png", out / "walltime_deepest.png"]
     plot_loss_vs_depth(summary, depths, figures[0])
     plot_curves_deepest(records, summary, deepest, figures[1])
     plot_walltime_deepest(records, deepest, figures[2])
-    if plot_gates_deepest(records, wirings, deepest, out / "gates_deepest.png"):
-        figures.append(out / "gates_deepest.png")
+    figures += plot_gates_deepest(records, wirings, deepest, out / "gates_deepest.png")
     measured = out / "step_times.json"
     results = {
         **head,
@@ -607,10 +711,13 @@ def report(runs_dir: Path, out: Path, config: Path, all_specs: list[RunSpec], wi
         "third_seed_pairs": pairs,
         "summary": summary,
         "depth_gains": gains,
+        "sign_tests": signs,
+        "p_value_families": families,
         "step_times": json.loads(measured.read_text(encoding="utf-8")) if measured.is_file() else None,
-        "runs": [{**r, "gates_png": r["gates_png"] and portable(r["gates_png"])} for r in records],
+        "runs": [{**{k: v for k, v in r.items() if k != "gates_matrix"}, "gates_png": r["gates_png"] and portable(r["gates_png"])}
+                 for r in records],  # the matrices stay in the records
     }
-    write_report(out, results, table(summary, depths, pairs, gains), figures)
+    write_report(out, results, table(summary, depths, pairs, gains, signs, families), figures)
     return results
 
 

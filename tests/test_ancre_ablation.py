@@ -139,6 +139,13 @@ def test_report_rebuilds_both_phases_from_records(tmp_path, monkeypatch):
     assert "| 0.94 | 3000 | 60x |" in table  # ancre reaches residual's 1.7 at step 3750 (0.94), leads from 3000
     # constant minus residual over 3 + 3 seeds, both std 0.01: se sqrt(2 * 0.01^2 / 3), t 0.04 / se
     assert "| +0.0400 | +0.0400 +- 0.0082 (t +4.9, p 0.0" in table
+    assert ", BH " in table and "BH: the Benjamini-Hochberg adjusted p" in table
+    # sign tests, m = 5: ancre 0/3 short (p 1/4), 1/1 long (p 1), 1/4 pooled (p 2 x 5/16 = 0.625); the other two
+    # variants 0/3 (p 1/4): the three 1/4s become 1/4 x 5 / 3 = 0.42, 0.625 becomes 0.625 x 5 / 4 = 0.78
+    assert results["p_value_families"]["sign_tests"] == 5
+    assert results["sign_tests"]["ancre"]["pooled"]["p"] == pytest.approx(0.625)
+    assert "| ancre | 0/3 (p 0.25, BH 0.42) | 1/1 (p 1, BH 1) | 1/4 (p 0.62, BH 0.78) |" in table
+    assert "| ancre-constant | 0/3 (p 0.25, BH 0.42) | - | - |" in table
     for figure in ("short_losses.png", "short_curves.png", "stream_growth.png", "long_curves.png", "long_gap.png",
                    "long_stream_growth.png"):
         assert (out / figure).is_file(), figure
@@ -157,3 +164,33 @@ def test_gap_to_twin_pairs_the_steps_both_runs_logged():
     curve = [(100, 2.0), (200, 1.8), (300, 1.6)]
     twin = [(100, 2.1), (300, 1.5), (400, 1.4)]
     assert ancre_ablation.gap_to_twin(curve, twin) == [(100, pytest.approx(-0.1)), (300, pytest.approx(0.1))]
+
+
+def test_sign_tests_pair_seeds_within_a_phase_and_pool_the_phases():
+    """Per phase, each variant's final loss against residual's with the same seed; pooled over both
+    phases where a variant ran in both; one BH family for the t-tests, another for the sign tests."""
+    def row(variant: str, seed: int, loss: float) -> dict:
+        return {"wiring": variant, "seed": seed, "final_val_loss": loss}
+
+    short = [row("residual", 0, 2.0), row("residual", 1, 2.0), row("residual", 2, 2.0),
+             row("ancre", 0, 1.9), row("ancre", 1, 1.9), row("ancre", 2, 2.1),
+             row("ancre-tau1", 0, 1.9), row("ancre-tau1", 1, 2.0)]  # a tie with seed 1
+    long = [row("residual", 0, 1.7), row("residual", 1, 1.7), row("ancre", 0, 1.6), row("ancre", 1, 1.65),
+            row("ancre", 3, 1.0)]  # seed 3 has no residual twin
+    signs = ancre_ablation.sign_tests({"short": short, "long": long})
+    assert list(signs) == ["ancre", "ancre-tau1"]
+    assert (signs["ancre"]["short"]["wins"], signs["ancre"]["short"]["n"]) == (2, 3)
+    assert (signs["ancre"]["long"]["wins"], signs["ancre"]["long"]["n"]) == (2, 2)
+    assert (signs["ancre"]["pooled"]["wins"], signs["ancre"]["pooled"]["n"]) == (4, 5)
+    assert signs["ancre"]["pooled"]["p"] == pytest.approx(2 * 6 / 32)  # 2 P(X >= 4), X ~ B(5, 1/2)
+    assert signs["ancre-tau1"] == {"short": {"n": 1, "wins": 1, "losses": 0, "ties": 1, "p": pytest.approx(1.0)}}
+    welch = {"diff": -0.1, "se": 0.05, "t": -2.0, "p": 0.01}
+    families = ancre_ablation.adjust_p_values(
+        {"short": {"ancre": {"minus_residual_welch": welch, "minus_residual_paired": None}},
+         "long": {"ancre": {"minus_residual_welch": {**welch, "p": 0.04}, "minus_residual_paired": None}}}, signs)
+    assert families == {"method": "Benjamini-Hochberg", "t_tests": 2, "sign_tests": 4}
+    assert welch["p_bh"] == pytest.approx(0.02)
+    text = "\n".join(ancre_ablation.sign_table(signs, {"short": "short (400 steps)", "long": "long (4000 steps)"}))
+    assert "| variant | short (400 steps) | long (4000 steps) | pooled over both phases |" in text
+    assert "| ancre-tau1 | 1/1 +1 tie (p 1, BH 1) | - | - |" in text
+    assert "| ancre | 2/3 (p 1, BH 1) | 2/2 (p 0.5, BH 1) | 4/5 (p 0.38, BH 1) |" in text

@@ -155,6 +155,112 @@ def test_paired_differences_by_seed():
     assert _runs.paired({0: 1.0, 1: 2.0}, {1: 2.0, 2: 3.0}) is None  # one shared seed
 
 
+def test_benjamini_hochberg_by_hand():
+    """p = [0.01, 0.04, 0.03, 0.005], m = 4: sorted 0.005, 0.01, 0.03, 0.04 times m / rank is 0.02,
+    0.02, 0.04, 0.04, already monotone; None passes through and does not count in m."""
+    assert _runs.benjamini_hochberg([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    got = _runs.benjamini_hochberg([None, 0.01, 0.04, None, 0.03, 0.005])
+    assert got[0] is None and got[3] is None
+    assert [got[i] for i in (1, 2, 4, 5)] == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    # step-up: 0.01 x 3 / 1 = 0.03 is above 0.011 x 3 / 2 = 0.0165, which it takes (monotone)
+    assert _runs.benjamini_hochberg([0.01, 0.011, 0.5]) == pytest.approx([0.0165, 0.0165, 0.5])
+    assert _runs.benjamini_hochberg([]) == [] and _runs.benjamini_hochberg([None]) == [None]
+    assert _runs.benjamini_hochberg([0.9, 0.8, 0.99]) == pytest.approx([0.99, 0.99, 0.99])  # never above 1
+    import random
+
+    from scipy.stats import false_discovery_control
+
+    rng = random.Random(0)
+    raw = [rng.random() ** 3 for _ in range(40)]
+    adjusted = _runs.benjamini_hochberg(raw)
+    assert adjusted == pytest.approx(list(false_discovery_control(raw, method="bh")))
+    order = sorted(range(len(raw)), key=raw.__getitem__)
+    assert all(adjusted[i] <= adjusted[j] for i, j in zip(order, order[1:]))  # monotone in the raw p
+    assert all(r <= a <= 1 for r, a in zip(raw, adjusted))
+
+
+def test_add_benjamini_hochberg_marks_a_family_in_place():
+    """Every stats dict of the family gets p_bh; None entries are skipped, a dict listed twice
+    counts once, a dict without a p gets None and does not count in m."""
+    a, b, c, no_p = {"p": 0.01}, {"p": 0.04}, {"p": 0.03}, {"p": None}
+    m = _runs.add_benjamini_hochberg([a, None, b, c, a, no_p, {"p": 0.005}])
+    assert m == 4
+    assert (a["p_bh"], b["p_bh"], c["p_bh"]) == pytest.approx((0.02, 0.04, 0.04))
+    assert no_p["p_bh"] is None
+
+
+def test_sign_test_by_hand():
+    """Wins are differences below 0 (the wiring's loss lower), ties are left out, p is the exact
+    two-sided binomial test against 1/2."""
+    assert _runs.sign_test([-0.01] * 12) == {"n": 12, "wins": 12, "losses": 0, "ties": 0, "p": pytest.approx(2 * 0.5**12)}
+    assert _runs.sign_test([0.01] * 12)["p"] == pytest.approx(2 * 0.5**12)
+    # 7 wins, 3 losses, 1 tie: p = 2 (C(10,7) + C(10,8) + C(10,9) + C(10,10)) / 2^10 = 352 / 1024
+    stats = _runs.sign_test([-1.0] * 7 + [2.0] * 3 + [0.0])
+    assert (stats["n"], stats["wins"], stats["losses"], stats["ties"]) == (10, 7, 3, 1)
+    assert stats["p"] == pytest.approx(352 / 1024)
+    assert _runs.sign_test([1.0, -1.0])["p"] == pytest.approx(1.0)
+    assert _runs.sign_test([]) == {"n": 0, "wins": 0, "losses": 0, "ties": 0, "p": None}
+    assert _runs.sign_test([0.0, 0.0])["p"] is None
+    assert _runs.fmt_sign(stats) == "7/10 +1 tie (p 0.34)"
+    _runs.add_benjamini_hochberg([stats])
+    assert _runs.fmt_sign(stats) == "7/10 +1 tie (p 0.34, BH 0.34)"
+    assert _runs.fmt_sign(_runs.sign_test([])) == "-" and _runs.fmt_sign(None) == "-"
+
+
+def test_fmt_t_shows_the_corrected_p_beside_the_raw_one():
+    stats = {"diff": -0.0123, "se": 0.0045, "t": -2.7, "p": 0.03, "p_bh": 0.21}
+    assert _runs.fmt_t(stats) == "-0.0123 +- 0.0045 (t -2.7, p 0.03, BH 0.21)"
+    assert _runs.fmt_t({**stats, "p": 0.0004, "p_bh": 0.0009}) == "-0.0123 +- 0.0045 (t -2.7, p < 0.001, BH < 0.001)"
+    assert _runs.fmt_t({**stats, "p_bh": None}) == "-0.0123 +- 0.0045 (t -2.7, p 0.03)"
+
+
+def test_table_shows_corrected_p_values_and_the_sign_tests():
+    """Synthetic runs: ancre below residual in every (depth, seed) pair, and its depth gain beats
+    residual's with every seed; mhc mixed. The sign tests pool the pairs; both families get BH."""
+    losses = {
+        ("residual", 4): [1.50, 1.52, 1.51], ("residual", 8): [1.45, 1.46, 1.44],
+        ("ancre", 4): [1.40, 1.41, 1.42], ("ancre", 8): [1.30, 1.32, 1.31],
+        ("mhc", 4): [1.55, 1.50, 1.52], ("mhc", 8): [1.44, 1.47],  # mhc has no seed 2 at 8 blocks
+    }
+    records = [{**record(w, d, seed, loss), "wall_s": 60.0, "tokens_per_s": 1000.0, "parameters": 10 * d}
+               for (w, d), values in losses.items() for seed, loss in enumerate(values)]
+    depth_scaling.add_steps_to_residual(records)
+    wirings, depths = ["residual", "ancre", "mhc"], [4, 8]
+    summary = depth_scaling.summarize(records, wirings, depths)
+    gains = depth_scaling.depth_gains(records, wirings, depths)
+    signs = depth_scaling.sign_tests(records, wirings, depths)
+    assert "residual" not in signs
+    ancre, mhc = signs["ancre"], signs["mhc"]
+    assert (ancre["vs_residual"]["wins"], ancre["vs_residual"]["n"]) == (6, 6)
+    assert ancre["vs_residual"]["p"] == pytest.approx(2 / 64)
+    assert [(t["wins"], t["n"]) for t in ancre["vs_residual_by_depth"].values()] == [(3, 3), (3, 3)]
+    # per seed: ancre's change -0.10, -0.09, -0.11 minus residual's -0.05, -0.06, -0.07: all below 0
+    assert (ancre["depth_gain_vs_residual"]["wins"], ancre["depth_gain_vs_residual"]["n"]) == (3, 3)
+    # mhc: at 4 blocks +0.05, -0.02, +0.01; at 8 -0.01, +0.01; its changes -0.11, -0.03 minus residual's -0.05, -0.06
+    assert (mhc["vs_residual"]["wins"], mhc["vs_residual"]["n"]) == (2, 5)
+    assert (mhc["depth_gain_vs_residual"]["wins"], mhc["depth_gain_vs_residual"]["n"]) == (1, 2)
+    families = depth_scaling.adjust_p_values(summary, gains, signs)
+    # t-tests: Welch and paired of ancre and mhc at 2 depths (8), the depth gains of the 3 wirings (3), and
+    # ancre's and mhc's gain minus residual's, unpaired and paired (4). Sign tests, m = 8: ancre 1/32, 1/4,
+    # 1/4, 1/4, mhc 1, 1, 1, 1 -> 1/32 x 8 = 0.25; the 1/4s: 0.25 x 8 / 4 = 0.5
+    assert families == {"method": "Benjamini-Hochberg", "t_tests": 15, "sign_tests": 8}
+    assert ancre["vs_residual"]["p_bh"] == pytest.approx(0.25)
+    assert [t["p_bh"] for t in ancre["vs_residual_by_depth"].values()] == pytest.approx([0.5, 0.5])
+    assert mhc["vs_residual"]["p_bh"] == pytest.approx(1.0)
+    welch = summary["ancre"]["8"]["minus_residual_welch"]
+    assert welch["p"] <= welch["p_bh"] <= 1 and gains["ancre"]["minus_residual"]["p_bh"] is not None
+    text = depth_scaling.table(summary, depths, [], gains, signs, families)
+    assert "BH: the Benjamini-Hochberg adjusted p" in text and "(15: the depth-gain table" in text
+    assert f"| {_runs.fmt_t(welch)} |" in text and ", BH " in _runs.fmt_t(welch)
+    assert "A sign test counts the pairs of runs with the same seed" in text
+    assert "| wiring | all depths | 4 blocks | 8 blocks | 4 -> 8 blocks minus residual's change |" in text
+    assert "| ancre | 6/6 (p 0.031, BH 0.25) | 3/3 (p 0.25, BH 0.5) | 3/3 (p 0.25, BH 0.5) | 3/3 (p 0.25, BH 0.5) |" in text
+    assert "| mhc | 2/5 (p 1, BH 1) | 1/3 (p 1, BH 1) | 1/2 (p 1, BH 1) | 1/2 (p 1, BH 1) |" in text
+    # without the sign tests and families (older callers) the table has neither
+    plain = depth_scaling.table(summary, depths, [], gains)
+    assert "Sign tests" not in plain and "Benjamini" not in plain
+
+
 def fake_record(wiring: str, depth: int, seed: int, loss: float) -> dict:
     """A made-up record as RunRecords.write leaves it (``<out>/runs/<name>.json``)."""
     name = depth_scaling.run_name(wiring, depth, seed)
@@ -209,10 +315,16 @@ def test_report_rebuilds_from_records_without_run_folders(tmp_path):
     assert "| 1 | ancre | 2 | 1.3100" in text
     assert "| ancre | -0.0950 +- 0.0112 (t -8.5, p 0.0" in text
     # paired by seed: ancre's change minus residual's, seed 0 -0.10 - (-0.05), seed 1 -0.09 - (-0.06):
-    # mean -0.04, sd 0.02 / sqrt(2), se 0.01, t -4, df 1 (Cauchy: p = 1 - 2 atan(4) / pi = 0.156)
+    # mean -0.04, sd 0.02 / sqrt(2), se 0.01, t -4, df 1 (Cauchy: p = 1 - 2 atan(4) / pi = 0.156);
+    # the largest of the table's 8 t-test p-values, so Benjamini-Hochberg leaves it as it is
     assert gains["ancre"]["minus_residual_paired"]["diff"] == pytest.approx(-0.04)
     assert gains["ancre"]["minus_residual_paired"]["se"] == pytest.approx(0.01)
-    assert "| -0.0400 +- 0.0100 (t -4.0, p 0.16) (2) |" in text
+    assert "| -0.0400 +- 0.0100 (t -4.0, p 0.16, BH 0.16) (2) |" in text
+    assert results["p_value_families"] == {"method": "Benjamini-Hochberg", "t_tests": 8, "sign_tests": 4}
+    assert gains["ancre"]["minus_residual_paired"]["p_bh"] == pytest.approx(gains["ancre"]["minus_residual_paired"]["p"])
+    # sign tests: ancre below residual at both depths with both seeds, and its depth gain beats residual's with both
+    assert results["sign_tests"]["ancre"]["vs_residual"] == {"n": 4, "wins": 4, "losses": 0, "ties": 0, "p": 0.125, "p_bh": 0.5}
+    assert "| ancre | 4/4 (p 0.12, BH 0.5) | 2/2 (p 0.5, BH 0.5) | 2/2 (p 0.5, BH 0.5) | 2/2 (p 0.5, BH 0.5) |" in text
     for figure in ("loss_vs_depth.png", "curves_deepest.png", "walltime_deepest.png", "gates_deepest.png"):
         assert (out / figure).is_file(), figure
 
@@ -283,14 +395,13 @@ def test_minus_residual_panel_leaves_far_off_wirings_out_of_its_scale():
     assert depth_scaling.off_scale({"residual": [0.0], "a": [0.01]}) == (pytest.approx(0.05 * 1.15), [])
 
 
-def test_colours_are_distinct_and_neighbours_do_not_share_a_hue():
-    many = ["residual", *(f"w{i}" for i in range(14))]
-    col = depth_scaling.colors(many)
-    assert col["residual"] == "black" and len({tuple(c) for w, c in col.items() if w != "residual"}) == 14
-    from matplotlib import colormaps
+def test_colours_are_fixed_per_wiring_whatever_the_list():
+    """depth_scaling.colors is the shared palette (tests/test_figures.py): a wiring keeps its colour
+    in every figure, whichever wirings the figure shows."""
+    import _figures
 
-    tab20 = colormaps["tab20"]
-    assert col["w0"] == tab20(0) and col["w1"] == tab20(2) and col["w10"] == tab20(1)  # dark hues first, then light
+    assert depth_scaling.colors is _figures.colors
+    assert depth_scaling.colors(["mudd"]) == {"mudd": depth_scaling.colors(depth_scaling.WIRINGS)["mudd"]}
 
 
 def test_validation_steps_count_optimizer_steps_in_old_and_new_runs():
@@ -329,3 +440,9 @@ def test_full_validation_evaluates_the_final_weights_on_the_whole_split(tmp_path
     events = sorted((_runs.run_dir(runs_dir, "tiny") / _runs.FULL_VALIDATION_VERSION).glob("events.out.tfevents.*"))
     assert _runs.full_validation(runs_dir, spec) == full  # read back, not run again
     assert sorted((_runs.run_dir(runs_dir, "tiny") / _runs.FULL_VALIDATION_VERSION).glob("events.out.tfevents.*")) == events
+
+
+def test_throughput_is_read_from_the_monitor_first_then_the_old_tag():
+    assert depth_scaling.throughput_tag({"train/tokens_per_s": [], "train/device/items_per_sec": []}) == "train/device/items_per_sec"
+    assert depth_scaling.throughput_tag({"train/tokens_per_s": [], "train/items_per_sec": []}) == "train/items_per_sec"
+    assert depth_scaling.throughput_tag({"train/tokens_per_s": []}) == "train/tokens_per_s"  # records of earlier runs

@@ -233,3 +233,46 @@ def test_early_exit_figures_count_sublayers():
     block = evaluation.summarize(tiny_llm("ancre", "block"), torch.tensor([[3.0], [2.5], [2.0]]), None)
     assert block["unit"] == "block" and depth_figure(block).axes[0].get_xlabel() == "exit: blocks used"
     assert not math.isnan(block["per_exit"]["loss"][-1])
+
+
+# --------------------------------------------------------------------------- the numbers beside the pictures
+
+
+def draw_once(model, tmp_path, step: int = 3, **options) -> None:
+    callback = GateVisualization(**options)
+    callback.log_dir = tmp_path
+    with pytest.warns(UserWarning, match="no TensorBoardLogger"):
+        callback.draw(SimpleNamespace(is_global_zero=True, loggers=[]), model, step=step)
+
+
+def test_gate_visualization_writes_the_matrix_it_draws(tmp_path):
+    """Beside each wiring PNG, a JSON of what it draws: the coefficients, the token spread of a
+    per-token wiring, the names of rows and columns, the entries the wiring reads."""
+    import json
+
+    model = tiny_llm("attnres", "sublayer")
+    with torch.no_grad():
+        model(torch.randint(0, 257, (2, 8)))
+    draw_once(model, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "gates").iterdir()) == [
+        "token_spread_step0000003.png", "wiring_step0000003.json", "wiring_step0000003.png"]
+    data = json.loads((tmp_path / "gates" / "wiring_step0000003.json").read_text())
+    conn = model.connectivity
+    assert data["wiring"] == "attnres" and data["step"] == 3 and data["stack"] is None and data["per_token"] is True
+    assert data["unit"] == "sub-layer" and data["labels"] == SUBLAYER_NAMES and data["num_layers"] == 4
+    assert data["value_label"] == "mean weight over tokens" and data["note"] is None
+    np.testing.assert_allclose(data["coefficients"], conn.coefficients().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(data["spread"], conn.coefficient_spread().numpy(), rtol=1e-5, atol=1e-7)
+    assert data["readable"] == ["11000", "11100", "11110", "11111"]
+
+    residual = tmp_path / "residual"
+    draw_once(tiny_llm("residual", "block"), residual, step=0)
+    data = json.loads((residual / "gates" / "wiring_step0000000.json").read_text())
+    assert data["spread"] is None and data["readable"] == ["010", "001"] and data["coefficients"] == [[0, 1, 0], [0, 0, 1]]
+    assert data["unit"] == "block" and data["labels"] == ["emb", "1", "2"]
+    hyper = tmp_path / "hyper"
+    draw_once(tiny_llm("hyper", "block", streams=2), hyper, step=0)
+    assert "unrolled" in json.loads((hyper / "gates" / "wiring_step0000000.json").read_text())["note"]
+    quiet = tmp_path / "quiet"
+    draw_once(tiny_llm("ancre", "block"), quiet, save_png=False)
+    assert not (quiet / "gates").exists()  # no PNG, no JSON either
