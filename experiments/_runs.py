@@ -296,6 +296,9 @@ def sweep_parser(description: str, name: str, default_jobs: int, quick_help: str
     p.add_argument("--jobs", type=int, default=default_jobs, help="runs at a time")
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: CPUs / jobs)")
     p.add_argument("--report-only", action="store_true", help="only re-read finished runs and write the report")
+    p.add_argument("--rebuild-records", action="store_true",
+                   help="first write again the records of the finished run folders on this machine (after a change "
+                        "of what records hold); with --report-only nothing is run")
     p.add_argument("--start-until", type=float, default=None, metavar="HOURS",
                    help="start no run after this many hours from now (the runs going then finish; a later launch "
                         "runs the rest)")
@@ -311,8 +314,22 @@ def resolve_folders(args: argparse.Namespace, name: str, out_name: str) -> None:
     args.out = args.out or (args.runs_dir / "report" if args.quick else EXPERIMENTS / "out" / out_name)
 
 
+def rebuild_records(specs: list[RunSpec], runs_dir: Path, records: RunRecords) -> list[str]:
+    """Write again, with the code as it is now, the record of every spec whose finished run folder
+    (``DONE.json``) is still on this machine; the others keep their records. For a change of what a
+    record holds (a new field, a new tag) while a sweep's run folders are at hand. Returns the names."""
+    done = [s for s in specs if is_done(runs_dir, s.name)]
+    for s in done:
+        records.write(runs_dir, s, done_info(runs_dir, s.name))
+    return [s.name for s in done]
+
+
 def launch_unless_report_only(args: argparse.Namespace, specs: list[RunSpec], records: RunRecords | None = None) -> None:
-    """Run the sweep's unfinished runs (skipped with ``--report-only``) and name the failed ones."""
+    """Run the sweep's unfinished runs (skipped with ``--report-only``) and name the failed ones;
+    with ``--rebuild-records``, first rewrite the records of the finished run folders at hand."""
+    if getattr(args, "rebuild_records", False) and records is not None:
+        rebuilt = rebuild_records(specs, args.runs_dir, records)
+        print(f"rebuilt {len(rebuilt)} record(s) from their run folders", flush=True)
     if args.report_only:
         return
     if getattr(args, "start_until", None) is not None and not hasattr(args, "start_until_unix"):

@@ -446,3 +446,28 @@ def test_throughput_is_read_from_the_monitor_first_then_the_old_tag():
     assert depth_scaling.throughput_tag({"train/tokens_per_s": [], "train/device/items_per_sec": []}) == "train/device/items_per_sec"
     assert depth_scaling.throughput_tag({"train/tokens_per_s": [], "train/items_per_sec": []}) == "train/items_per_sec"
     assert depth_scaling.throughput_tag({"train/tokens_per_s": []}) == "train/tokens_per_s"  # records of earlier runs
+
+
+def test_rebuild_records_rewrites_only_the_runs_whose_folders_are_at_hand(tmp_path):
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs_dir = tmp_path / "runs"
+    here, gone = (depth_scaling.spec(depth_scaling.PRESETS["cpu"], "ancre", 2, seed, 4, 2, []) for seed in (0, 1))
+    with SummaryWriter(str(_runs.log_dir(runs_dir, here.name))) as writer:
+        writer.add_scalar("val/loss", 2.4, 4)
+    with SummaryWriter(str(_runs.run_dir(runs_dir, here.name) / _runs.FULL_VALIDATION_VERSION)) as writer:
+        writer.add_scalar("val/loss", 2.3, 4)
+    config = yaml.safe_load(depth_scaling.PRESETS["cpu"].read_text(encoding="utf-8"))
+    config["model"]["init_args"].update(n_layers=2, connectivity="ancre")
+    (_runs.log_dir(runs_dir, here.name) / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    done = {"command": ["python"], "wall_s": 30.0, "started_unix": 0.0, "threads": 1, "jobs": 2}
+    (_runs.run_dir(runs_dir, here.name) / "DONE.json").write_text(json.dumps(done), encoding="utf-8")
+    records = depth_scaling.records_for(tmp_path / "out")
+    records.folder.mkdir(parents=True)
+    for s in (here, gone):  # records of an older format
+        records.json_path(s.name).write_text(json.dumps({"name": s.name, "final_val_loss": 9.9}), encoding="utf-8")
+    assert _runs.rebuild_records([here, gone], runs_dir, records) == [here.name]
+    assert records.load(here.name)["final_val_loss"] == pytest.approx(2.4)
+    assert records.load(here.name)["final_val_loss_full"] == pytest.approx(2.3)
+    assert records.load(gone.name) == {"name": gone.name, "final_val_loss": 9.9}  # no folder: kept as it was
