@@ -42,7 +42,10 @@ from torch import Tensor, nn
 from .connectivity import ConnectedStack
 from .errors import UserInputError
 
-__all__ = ["SHARDED_METADATA", "ShardedStrategy", "all_reduce_replicated_grads", "clip_grad_norm_", "is_sharded", "shard_network"]
+__all__ = [
+    "SHARDED_METADATA", "ShardedStrategy", "all_reduce_replicated_grads", "clip_grad_norm_", "is_sharded",
+    "read_sharded_weights", "shard_network",
+]
 
 
 #: the file of a sharded checkpoint folder that holds everything but the weights and optimizer state
@@ -234,3 +237,87 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> Tens
         for g in grads:
             g.mul_(factor)
     return norm
+
+
+# --------------------------------------------------------------------------- reading shards back whole
+
+#: the classes a distributed checkpoint's ``.metadata`` pickle may name (module -> names; None: any
+#: dtype of torch): the checkpoint's own metadata records, tensor sizes, dtypes and layouts, paths
+_METADATA_GLOBALS: dict[str, set[str] | None] = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": None,
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+def _metadata_class(module: str, name: str) -> Any:
+    """The global a ``.metadata`` pickle names, if it is one of :data:`_METADATA_GLOBALS`."""
+    import importlib
+    import pickle
+
+    allowed = _METADATA_GLOBALS.get(module, set())
+    if module == "torch":
+        value = getattr(torch, name, None)
+        if name == "Size" or isinstance(value, torch.dtype):
+            return value
+    elif allowed and name in allowed:
+        return getattr(importlib.import_module(module), name)
+    raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def _read_metadata_safely(path: Path) -> Any:
+    """A distributed checkpoint's ``.metadata`` unpickled with only the classes such a file holds,
+    so a crafted file cannot run code (PyTorch's own reader unpickles anything)."""
+    import pickle
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return _metadata_class(module, name)
+
+    with open(path, "rb") as f:
+        return MetadataUnpickler(f).load()
+
+
+def read_sharded_weights(folder: str | os.PathLike[str], prefix: str = "state_dict.") -> dict[str, Tensor]:
+    """The whole weights of a sharded (FSDP) checkpoint folder, gathered from every process's
+    shard in one process without a process group: ``{name: tensor}`` for every tensor under
+    ``prefix`` (the module's ``state_dict``; the optimizer state is not read). The shards are read
+    by PyTorch's distributed-checkpoint reader (tensors with ``weights_only``), its ``.metadata``
+    with only the classes such a file holds.
+
+    Raises:
+        UserInputError: the folder's ``.metadata`` is missing, damaged or names another class.
+    """
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from .errors import load_failure
+
+    folder = Path(folder)
+    try:
+        metadata = _read_metadata_safely(folder / ".metadata")
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError) as exc:
+        raise UserInputError(
+            f"sharded checkpoint {str(folder)!r}: its .metadata cannot be read safely: {load_failure(exc)}; "
+            "use another checkpoint or a complete copy"
+        ) from None
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return metadata
+
+    state = {fqn: torch.empty(md.size, dtype=md.properties.dtype)
+             for fqn, md in metadata.state_dict_metadata.items()
+             if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata)}  # fmt: skip
+    _load_state_dict(state, storage_reader=SafeReader(folder), planner=DefaultLoadPlanner(), no_dist=True)
+    return {fqn[len(prefix):]: t for fqn, t in state.items()}

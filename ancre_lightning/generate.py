@@ -234,7 +234,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``ancre generate``."""
     parser = _Parser(prog="ancre generate", description="Continue a prompt with an LLM checkpoint and its own tokenizer.")
-    parser.add_argument("--ckpt_path", required=True, help="an LLM checkpoint written by `ancre fit` (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt_path", required=True, help="an LLM checkpoint written by `ancre fit` (e.g. .../checkpoints/last.ckpt; a sharded FSDP checkpoint folder too)")
     parser.add_argument("--prompt", required=True, help="the text to continue (may be empty: the model starts a document)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="most tokens to add (default 200); stops earlier at end-of-document")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy, deterministic (default 1.0)")

@@ -16,6 +16,7 @@ second checkpoint is scored without recomputing them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m ancre_lightning.sample",
         description="Sample images from a DiffusionModule checkpoint into a folder of PNGs (and score them with FID/KID).",
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `ancre fit` with a DiffusionModule")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `ancre fit` with a DiffusionModule (a .ckpt file, or the folder of a sharded FSDP checkpoint)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--labels", default=None, help="comma-separated class ids to cycle through (default: all classes)")
@@ -97,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     from ancre_lightning.modules.diffusion import DiffusionModule, to_uint8
 
     ckpt = Path(args.ckpt).expanduser()
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist (look in <log_dir>/checkpoints/)")
     if args.n < 1 or args.batch_size < 1:
         raise UserInputError(f"--n and --batch-size must be >= 1, got {args.n} and {args.batch_size}")
@@ -105,7 +106,12 @@ def _run(args: argparse.Namespace) -> int:
     checkpoint = read_checkpoint(ckpt, need_weights=True)  # weights_only: a file that would run code on loading is refused
     if "prediction_type" not in (checkpoint.get("hyper_parameters") or {}):
         raise UserInputError(f"{ckpt} is not a DiffusionModule checkpoint (train one with configs/diffusion/*.yaml)")
-    module = DiffusionModule.load_from_checkpoint(ckpt, map_location=device, weights_only=True)
+    source: Path | io.BytesIO = ckpt
+    if ckpt.is_dir():  # a sharded (FSDP) checkpoint, its shards read into one state_dict above
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    module = DiffusionModule.load_from_checkpoint(source, map_location=device, weights_only=True)
     module.eval()
     labels = None
     if args.labels is not None:

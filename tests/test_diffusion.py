@@ -451,3 +451,22 @@ def test_ddp_two_processes_with_sample_grids(tmp_path):
     grids = sorted(p.name for p in Path(tmp_path, "logs").rglob("samples/*.png"))
     assert grids == ["step000002.png", "step000004.png"]
     assert list(Path(tmp_path, "logs").rglob("last.ckpt"))
+
+
+def test_sample_entry_reads_a_sharded_checkpoint_folder(trained_run, tmp_path):
+    """A sharded (FSDP) checkpoint folder, laid out as Lightning's distributed save writes it (the
+    module's state_dict in .distcp shards, the rest in meta.pt), samples the same images as the
+    single file holding the same weights."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    whole = torch.load(ckpt, map_location="cpu", weights_only=True)
+    folder = tmp_path / "sharded.ckpt"
+    _save_state_dict({"state_dict": whole["state_dict"]}, storage_writer=FileSystemWriter(folder), no_dist=True)
+    torch.save({k: v for k, v in whole.items() if k not in ("state_dict", "optimizer_states")}, folder / "meta.pt")
+    args = ["--n", "3", "--steps", "2", "--labels", "3"]
+    assert sample_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "from_file"), *args]) == 0
+    assert sample_main(["--ckpt", str(folder), "--out", str(tmp_path / "from_shards"), *args]) == 0
+    for png in sorted((tmp_path / "from_file").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "from_shards" / png.name).read_bytes(), png.name

@@ -157,6 +157,7 @@ def scenario_resume(rank: int, out: Path) -> dict:
             ckpt = root / "checkpoints" / "last.ckpt"
         records[name] = {**capture.record, "global_step": trainer.global_step, "scalars": logged_scalars(root),
                          "checkpoint": sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else None,
+                         "checkpoint_path": str(ckpt),
                          "pictures": sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))}  # fmt: skip
     return records
 
@@ -322,18 +323,49 @@ def test_a_sharded_save_that_dies_keeps_the_previous_checkpoint(ranks):
         assert r["final"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
-def test_a_sharded_checkpoint_is_read_for_its_metadata_and_refused_where_weights_are_needed(tmp_path):
-    """``--ckpt_path`` checks and ``last`` read a sharded folder's ``meta.pt``; ``ancre generate``
-    and ``ancre sample`` need one file and say how to get one."""
-    from ancre_lightning.errors import UserInputError
+def test_a_sharded_checkpoint_is_read_for_its_metadata(tmp_path):
+    """``--ckpt_path`` checks and ``last`` read a sharded folder's ``meta.pt`` alone."""
     from ancre_lightning.modules.base import read_checkpoint
 
     folder = tmp_path / "last.ckpt"
     folder.mkdir()
     torch.save({"global_step": 4, "hyper_parameters": {"connectivity": "mhc"}}, folder / "meta.pt")
     assert read_checkpoint(folder)["global_step"] == 4
-    with pytest.raises(UserInputError, match="folder of shards written under FSDP.*save_distributed_checkpoint false"):
-        read_checkpoint(folder, need_weights=True)
+    assert "state_dict" not in read_checkpoint(folder)
+
+
+def test_a_sharded_checkpoint_is_read_whole_where_weights_are_needed(ranks, tmp_path):
+    """``ancre generate`` and ``ancre sample`` read a sharded folder's shards into one state_dict
+    in one process: the trained weights exactly, every key of the module; a ``.metadata`` that
+    names anything but the checkpoint's own records is refused before it can run code."""
+    import pickle
+    import shutil
+
+    from ancre_lightning.errors import UserInputError
+    from ancre_lightning.modules import LLMModule
+    from ancre_lightning.modules.base import read_checkpoint
+
+    resumed = per_rank(ranks, "resume")[0]["resumed"]
+    folder = Path(resumed["checkpoint_path"])
+    ckpt = read_checkpoint(folder, need_weights=True)
+    assert ckpt["global_step"] == RESUME_STEPS
+    for name, value in resumed["after"].items():
+        assert torch.equal(ckpt["state_dict"][name], value), name  # the weights at the end of training
+    module = LLMModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not str(k).startswith("_")})
+    module.load_state_dict(ckpt["state_dict"])  # strict: nothing missing, nothing left over
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = tmp_path / "crafted.ckpt"
+    shutil.copytree(folder, crafted)
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserInputError, match="cannot be read safely.*GLOBAL posix.system"):
+        read_checkpoint(crafted, need_weights=True)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..connectivity import ConnectedStack, Connectivity
 from ..connectivity.registry import CONNECTIVITIES, connectivity_options
 from ..dtypes import compute_dtype
-from ..fsdp import SHARDED_METADATA, all_reduce_replicated_grads, clip_grad_norm_, is_sharded, shard_network
+from ..fsdp import SHARDED_METADATA, all_reduce_replicated_grads, clip_grad_norm_, is_sharded, read_sharded_weights, shard_network
 from ..errors import NONFINITE_MARKER, UserInputError, load_failure, state_mismatch_examples
 from .schedule import WarmupCosine
 
@@ -422,26 +422,22 @@ TRAINING_HPARAMS = frozenset(
 def read_checkpoint(path: str | os.PathLike[str], need_weights: bool = False) -> dict[str, Any]:
     """Open a checkpoint file for inspection (tensors memory-mapped, not read into memory). For a
     sharded checkpoint (a folder written under FSDP) this is its ``meta.pt``: step, loops,
-    callbacks, hyper-parameters and config, without ``state_dict`` (the shards are read by FSDP).
+    callbacks, hyper-parameters and config, without ``state_dict`` (the shards are read by FSDP),
+    or with ``need_weights`` also the whole weights gathered from the shards.
 
     Args:
         path: a ``.ckpt`` file, or the folder of a sharded checkpoint.
-        need_weights: the caller reads ``state_dict``: a sharded folder is refused in one line.
+        need_weights: the caller reads ``state_dict``: a sharded folder's shards are read into one
+            (:func:`~ancre_lightning.fsdp.read_sharded_weights`; the optimizer state is left out).
 
     Raises:
         UserInputError: the file is missing, truncated, not a PyTorch file, or not a checkpoint
-            written by Lightning (no ``state_dict``), or a sharded folder when ``need_weights``,
-            with what to do instead.
+            written by Lightning (no ``state_dict``), with what to do instead.
     """
     p = Path(path)
-    if p.is_dir() and (p / SHARDED_METADATA).is_file():  # a sharded (FSDP) checkpoint: its metadata, no weights
-        if need_weights:
-            raise UserInputError(
-                f"checkpoint {str(p)!r} is a folder of shards written under FSDP; this command reads the weights "
-                "from one file. Resume the run on the same number of processes with --ckpt_path, or write single-file "
-                "checkpoints by training with --trainer.strategy.init_args.save_distributed_checkpoint false"
-            )
-        p = p / SHARDED_METADATA
+    if p.is_dir() and (p / SHARDED_METADATA).is_file():  # a sharded (FSDP) checkpoint: its metadata
+        meta = read_checkpoint(p / SHARDED_METADATA)
+        return {**meta, "state_dict": read_sharded_weights(p)} if need_weights else meta
     if not p.is_file():
         raise UserInputError(f"checkpoint {str(p)!r} does not exist; give the path of a .ckpt file (e.g. .../checkpoints/last.ckpt)")
     with open(p, "rb") as f:
