@@ -33,6 +33,8 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 _CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 log = logging.getLogger(__name__)
+#: FLOPs of a step by (module class, architecture, batch shapes, train): see ``count_flops``
+_FLOPS_CACHE: dict[tuple, int | None] = {}
 
 
 class ConnectivityModule(L.LightningModule):
@@ -209,16 +211,20 @@ class ConnectivityModule(L.LightningModule):
         """FLOPs of one step on a batch shaped like ``batch``: forward and backward (``train``) or
         the forward alone, per device, counted by Lightning's ``measure_flops`` on a copy of the
         network on the meta device (nothing is computed, no random number is drawn; matrix
-        products and attention are counted, elementwise operations are not). Cached by shape;
-        None when the network cannot be built on the meta device."""
-        key = (repr(apply_to_collection(batch, Tensor, lambda t: tuple(t.shape))), train)
-        cache = self.__dict__.setdefault("_flops_cache", {})
+        products and attention are counted, elementwise operations are not). Cached for the
+        process by class, architecture and shapes; None when the network cannot be built on the
+        meta device."""
+        hparams = {k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")}
+        hparams.update({k: None for k in self._WEIGHT_FILE_HPARAMS if k in hparams}, compile=False)
+        # the count depends on the architecture and the shapes only: one count per process for
+        # every module built alike (a sweep's runs, a resumed fit)
+        key = (type(self).__qualname__, repr(sorted(hparams.items(), key=lambda kv: str(kv[0]))),
+               repr(apply_to_collection(batch, Tensor, lambda t: tuple(t.shape))), train)
+        cache = _FLOPS_CACHE
         if key not in cache:
             from lightning.fabric.utilities.throughput import measure_flops
 
             try:
-                hparams = {k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")}
-                hparams.update({k: None for k in self._WEIGHT_FILE_HPARAMS if k in hparams}, compile=False)
                 with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks under inference mode
                     meta = apply_to_collection(batch, Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
                     with torch.device("meta"):
