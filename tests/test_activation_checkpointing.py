@@ -204,3 +204,123 @@ def test_recompute_maps_alone_keeps_the_gradients_and_saves_less(connectivity, o
     assert recomputed.connectivity.recompute_maps and not recomputed.net.stack.activation_checkpointing
     assert_same_step(plain, recomputed, token_loss)
     assert saved_bytes(make(True)) < saved_bytes(make(False))
+
+
+STREAM_WIRINGS = [("hyper", {"streams": 2}), ("hyper", {"streams": 3, "dynamic": True}), ("mhc", {"streams": 3})]
+STREAM_IDS = ["hyper-static", "hyper-dynamic", "mhc"]
+
+
+def stream_llm(connectivity: str, options: dict, granularity: str = "sublayer", checkpointing: bool = False,
+               dropout: float = 0.0, dim: int = 16) -> LLMModule:  # fmt: skip
+    torch.manual_seed(0)
+    return LLMModule(vocab_size=257, dim=dim, n_layers=3, n_heads=2, mlp_hidden=2 * dim, max_seq_len=16, dropout=dropout,
+                     connectivity=connectivity, connectivity_options=options, granularity=granularity,
+                     activation_checkpointing=checkpointing).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+@pytest.mark.parametrize("connectivity,options", STREAM_WIRINGS, ids=STREAM_IDS)
+def test_recompute_streams_keeps_the_gradients_bit_for_bit(connectivity, options, granularity, checkpointing):
+    """``recompute_streams`` (the streams kept only at the start of each group of layers, the others
+    recomputed in backward from it, the maps and the layers' outputs): the same float64 loss and
+    gradients as the plain path, bit for bit (the recompute repeats the same operations on the same
+    values), alone and under activation checkpointing, for groups of 2 and of sqrt(layers); and
+    backward keeps less than with ``recompute_maps`` alone."""
+    plain = stream_llm(connectivity, options, granularity, checkpointing)
+    _, grads = loss_and_grads(plain, token_loss)
+    for group in (2, True):
+        recomputed = stream_llm(connectivity, {**options, "recompute_streams": group}, granularity, checkpointing)
+        assert recomputed.connectivity.recompute_streams == (2 if group == 2 else 3 if granularity == "sublayer" else 2)
+        _, regrads = loss_and_grads(recomputed, token_loss)
+        assert regrads.keys() == grads.keys() and grads
+        for name, g in grads.items():
+            assert torch.equal(regrads[name], g), name
+    assert_same_step(plain, recomputed, token_loss)  # and the loss, through the shared helper
+    maps_only = stream_llm(connectivity, {**options, "recompute_maps": True}, granularity, checkpointing)
+    streams_too = stream_llm(connectivity, {**options, "recompute_streams": 2}, granularity, checkpointing)
+    assert saved_bytes(streams_too) < saved_bytes(maps_only)
+
+
+def test_recompute_streams_under_other_saved_tensor_hooks_and_a_second_backward():
+    """Inside an offload to CPU or a checkpoint around the whole model (other saved-tensor hooks,
+    which get every tensor but the recomputed streams), and with a backward run twice over one graph
+    (the recomputed states are made again once dropped): the plain path's gradients, with dropout on."""
+    options = {"streams": 2, "recompute_streams": 2}
+    _, grads = loss_and_grads(stream_llm("mhc", {"streams": 2}, dropout=0.1), token_loss)
+
+    def offloaded(m):
+        with torch.autograd.graph.save_on_cpu():
+            return token_loss(m)
+
+    for loss_fn in (offloaded, lambda m: torch.utils.checkpoint.checkpoint(token_loss, m, use_reentrant=False)):
+        _, regrads = loss_and_grads(stream_llm("mhc", options, dropout=0.1), loss_fn)
+        assert all(torch.equal(regrads[n], g) for n, g in grads.items())
+
+    def twice(m):
+        loss = token_loss(m)
+        loss.backward(retain_graph=True)
+        return loss
+
+    _, plain2 = loss_and_grads(stream_llm("mhc", {"streams": 2}, dropout=0.1), twice)
+    _, regrads2 = loss_and_grads(stream_llm("mhc", options, dropout=0.1), twice)
+    assert all(torch.equal(regrads2[n], g) for n, g in plain2.items())
+
+
+def test_recompute_streams_option_values():
+    """``true``: groups of about sqrt(layers); a number: layers per group; ``false``/0: off; anything
+    else is refused in one line. No state of its own: the same state_dict keys."""
+    from ancre_lightning.connectivity import build_connectivity
+
+    assert build_connectivity("mhc", 24, dim=8, recompute_streams=True).recompute_streams == 5
+    assert build_connectivity("hyper", 24, dim=8, recompute_streams=4).recompute_streams == 4
+    assert build_connectivity("hyper", 24, dim=8).recompute_streams == 0
+    with pytest.raises(UserInputError, match="recompute_streams must be"):
+        build_connectivity("mhc", 4, dim=8, recompute_streams=-1)
+    plain, recomputed = (build_connectivity("mhc", 4, dim=8, recompute_streams=g) for g in (False, 2))
+    assert plain.state_dict().keys() == recomputed.state_dict().keys()
+
+
+def test_recompute_streams_recomputes_the_maps_where_the_streams_are_kept(monkeypatch):
+    """Where the streams are not recomputed (under torch.compile, or where saved-tensor hooks are
+    disabled), ``recompute_streams`` still recomputes the maps: backward keeps what it keeps with
+    ``recompute_maps``."""
+    from ancre_lightning.connectivity import streams
+
+    maps_only = saved_bytes(stream_llm("mhc", {"streams": 2, "recompute_maps": True}))
+    assert saved_bytes(stream_llm("mhc", {"streams": 2, "recompute_streams": 2})) < maps_only
+    monkeypatch.setattr(streams, "_saved_tensors_hooks_enabled", lambda: False)
+    assert saved_bytes(stream_llm("mhc", {"streams": 2, "recompute_streams": 2})) == maps_only
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_compiled_model_with_recompute_streams_matches_eager(checkpointing):
+    """torch.compile (aot_eager) of a model with ``recompute_streams``, with and without activation
+    checkpointing: the compiled step's loss and gradients equal the eager step's (where the streams
+    are recomputed; under compile the compiler decides what backward keeps)."""
+    def make():
+        torch.manual_seed(0)
+        return LLMModule(vocab_size=257, dim=16, n_layers=2, n_heads=2, mlp_hidden=32, max_seq_len=16, connectivity="mhc",
+                         connectivity_options={"streams": 2, "recompute_streams": 2}, granularity="sublayer",
+                         activation_checkpointing=checkpointing)  # fmt: skip
+
+    eager, compiled = make(), make()
+    compiled.net.compile(backend="aot_eager")
+    loss_a, grads_a = loss_and_grads(eager, token_loss)
+    loss_b, grads_b = loss_and_grads(compiled, token_loss)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_resumes_with_other_recompute_options():
+    """recompute_maps and recompute_streams change what backward keeps, not the function: a
+    checkpoint written with one value fits a model with another; a real option still refuses."""
+    from ancre_lightning.modules import LLMModule
+    from ancre_lightning.modules.base import checkpoint_mismatch
+
+    written = {"hyper_parameters": {"connectivity": "mhc", "connectivity_options": {"streams": 2}}}
+    for options in ({"streams": 2, "recompute_streams": True}, {"streams": 2, "recompute_maps": True}):
+        assert checkpoint_mismatch(written, LLMModule, {"connectivity": "mhc", "connectivity_options": options}, None) is None
+    problem = checkpoint_mismatch(written, LLMModule, {"connectivity": "mhc", "connectivity_options": {"streams": 4}}, None)
+    assert problem is not None and "streams: checkpoint 2, model 4" in problem

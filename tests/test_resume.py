@@ -210,10 +210,12 @@ def test_llm_resume_equals_straight_run(tmp_path):
 
 @pytest.mark.parametrize(
     "connectivity,options",
-    [("attnres", "{block_size: 2}"), ("hyper", "{streams: 2, dynamic: true}"), ("mhc", "{streams: 2}"), ("mudd", "{}")],
+    [("attnres", "{block_size: 2}"), ("hyper", "{streams: 2, dynamic: true}"), ("mhc", "{streams: 2}"), ("mudd", "{}"),
+     ("mhc", "{streams: 2, recompute_streams: 2}")],
 )
 def test_llm_resume_equals_straight_run_for_the_new_families(tmp_path, connectivity, options):
-    """Per-token weights and several streams, at sub-layer granularity: 3 + 3 steps == 6 steps."""
+    """Per-token weights and several streams, at sub-layer granularity: 3 + 3 steps == 6 steps (also
+    with mHC's streams recomputed in backward, which adds no state)."""
     wiring = [f"--model.init_args.connectivity={connectivity}", f"--model.init_args.connectivity_options={options}",
               "--model.init_args.granularity=sublayer"]  # fmt: skip
     straight, resumed, cli = run_split_and_straight(tmp_path, [*LLM_BASE, *wiring], n=3)

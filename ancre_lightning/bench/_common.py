@@ -224,11 +224,14 @@ WIRINGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "hyper-dynamic": ("hyper", {"streams": 4, "dynamic": True}, "sublayer"),
     "mhc": ("mhc", {"streams": 4}, "sublayer"),
     "mudd": ("mudd", {}, "block"),
-    # on request (not in the default rows): the per-token stream maps recomputed in backward
+    # on request (not in the default rows): the per-token stream maps recomputed in backward, and
+    # with them the streams inside groups of layers (kept only at each group's start)
     "hyper-dynamic-recompute": ("hyper", {"streams": 4, "dynamic": True, "recompute_maps": True}, "sublayer"),
     "mhc-recompute": ("mhc", {"streams": 4, "recompute_maps": True}, "sublayer"),
+    "hyper-dynamic-recompute-streams": ("hyper", {"streams": 4, "dynamic": True, "recompute_streams": True}, "sublayer"),
+    "mhc-recompute-streams": ("mhc", {"streams": 4, "recompute_streams": True}, "sublayer"),
 }
-CONNECTIVITIES = tuple(name for name in WIRINGS if not name.endswith("-recompute"))
+CONNECTIVITIES = tuple(name for name in WIRINGS if "-recompute" not in name)
 #: The peers from Hugging Face transformers, rows beside the wirings: ``hf-llama`` is
 #: ``LlamaForCausalLM`` of the benchmark shape as transformers runs it (the yardstick of the stack's
 #: own cost), ``hf-llama-rewired`` the same model rewired with ``residual`` (what ``rewire`` adds).

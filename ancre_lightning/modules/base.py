@@ -484,6 +484,11 @@ def _class_name(class_path: Any) -> str | None:
     return str(class_path).rsplit(".", 1)[-1] if class_path else None
 
 
+#: wiring options that change what backward keeps and recomputes, never the function or the
+#: parameters (a checkpoint written with one value resumes with another)
+COMPUTE_ONLY_OPTIONS = ("recompute_maps", "recompute_streams")
+
+
 def _wiring(hparams: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """(connectivity name, options with defaults filled in), or None if the hparams have none."""
     name = hparams.get("connectivity")
@@ -494,6 +499,8 @@ def _wiring(hparams: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     if key in CONNECTIVITIES:
         options = {**connectivity_options(key), **options}
     options.pop("tau", None)  # a buffer: restored from the checkpoint (and annealed), not a shape
+    for name in COMPUTE_ONLY_OPTIONS:  # how backward is computed, not what: a resumed run may change them
+        options.pop(name, None)
     return key, {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
