@@ -886,6 +886,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"third seed for {len(second)} run(s): " + ", ".join(s.name for s in second), flush=True)
         launch_unless_report_only(args, second, records)
         first = first + second
+        # third seeds that ran for pairs that are no longer close (records re-run since) still count
+        planned = {s.name for s in first}
+        first = first + [s for s in specs(config, args.wirings, args.depths, [args.third_seed], args.steps, args.val_every, extra)
+                         if s.name not in planned and records.has(s.name)]
     results = report(args.runs_dir, args.out, config, first, args.wirings, args.depths, pairs)
     if records.written:
         print(f"new record files ({len(records.written)}; commit them so that a fresh clone resumes from here, "

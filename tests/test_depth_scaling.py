@@ -471,3 +471,20 @@ def test_rebuild_records_rewrites_only_the_runs_whose_folders_are_at_hand(tmp_pa
     assert records.load(here.name)["final_val_loss"] == pytest.approx(2.4)
     assert records.load(here.name)["final_val_loss_full"] == pytest.approx(2.3)
     assert records.load(gone.name) == {"name": gone.name, "final_val_loss": 9.9}  # no folder: kept as it was
+
+
+def test_a_third_seed_counts_after_its_pair_stopped_being_close(tmp_path):
+    """Records re-run since can make a pair that once got a third seed no longer close; that seed's
+    record still belongs in the report."""
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    losses = {"residual": (1.50, 1.52, 1.51), "ancre": (1.30, 1.31, 1.32)}  # far apart: no pair is close now
+    for wiring, by_seed in losses.items():
+        for seed, loss in enumerate(by_seed):
+            rec = fake_record(wiring, 4, seed, loss)
+            (out / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec), encoding="utf-8")
+    results = depth_scaling.main(["--report-only", "--out", str(out), "--runs-dir", str(tmp_path / "no_runs"),
+                                  "--wirings", "residual", "ancre", "--depths", "4", "--seeds", "0", "1"])
+    assert results["third_seed_pairs"] == []
+    assert results["summary"]["ancre"]["4"]["seeds"] == [0, 1, 2]
+    assert results["summary"]["residual"]["4"]["final_val_loss_mean"] == pytest.approx(1.51)
