@@ -122,17 +122,18 @@ def replace_path(new: Path, target: Path) -> None:
     """Put the folder ``new`` at ``target``, replacing what is there (a folder or a file): the old
     one is renamed aside, the new one renamed into place, then the old one removed."""
     aside = target.with_name(target.name + ".old")
-    if aside.is_dir():
-        shutil.rmtree(aside)
-    elif aside.exists():
-        aside.unlink()
+
+    def remove_aside() -> None:
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        elif aside.exists():
+            aside.unlink()
+
+    remove_aside()  # what an earlier replace killed half-way left
     if target.exists():
         os.replace(target, aside)
     os.replace(new, target)
-    if aside.is_dir():
-        shutil.rmtree(aside)
-    elif aside.exists():
-        aside.unlink()
+    remove_aside()
 
 
 def wiring_parameters(net: nn.Module) -> list[nn.Parameter]:

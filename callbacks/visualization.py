@@ -123,16 +123,17 @@ def gate_matrix(
     }
 
 
-def matrix_json(data: dict) -> str:
-    """JSON text of a :func:`gate_matrix` dict: one key a line, one matrix row a line."""
+def matrix_json(data: dict, indent: str = "") -> str:
+    """JSON text of a :func:`gate_matrix` dict: one key a line, one matrix row a line, every line
+    after the first prefixed by ``indent`` (to nest it in an indented document)."""
     lines = []
     for key, value in data.items():
         if isinstance(value, list) and value and isinstance(value[0], list):
-            text = "[\n" + ",\n".join(f"  {json.dumps(row)}" for row in value) + "\n ]"
+            text = "[\n" + ",\n".join(f"{indent}  {json.dumps(row)}" for row in value) + f"\n{indent} ]"
         else:
             text = json.dumps(value)
-        lines.append(f" {json.dumps(key)}: {text}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
+        lines.append(f"{indent} {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + f"\n{indent}}}\n"
 
 
 class GateVisualization(Callback):

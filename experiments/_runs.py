@@ -111,6 +111,13 @@ class RunRecords:
             record["gates_png"] = str(self.folder / record["gates_png"])
         return record
 
+    def print_written(self) -> bool:
+        """Name the record files this process wrote and say to commit them; False if none."""
+        if self.written:
+            print(f"new record files ({len(self.written)}; commit them so that a fresh clone resumes from here, "
+                  f"e.g. git add {portable(self.folder)}):\n" + "\n".join(f"  {portable(p)}" for p in self.written), flush=True)
+        return bool(self.written)
+
     def write(self, runs_dir: Path, spec: RunSpec, done: dict) -> dict:
         """Build the record of a finished run from its folder and write it (the PNG first)."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -147,15 +154,10 @@ def record_json(record: dict) -> str:
     matrix = record.get("gates_matrix")
     if not matrix:
         return json.dumps(record, indent=1) + "\n"
+    from ancre_lightning.callbacks.visualization import matrix_json
+
     text = json.dumps({**record, "gates_matrix": "@gates_matrix@"}, indent=1)
-    lines = []
-    for key, value in matrix.items():
-        if isinstance(value, list) and value and isinstance(value[0], list):
-            value_text = "[\n" + ",\n".join(f"   {json.dumps(row)}" for row in value) + "\n  ]"
-        else:
-            value_text = json.dumps(value)
-        lines.append(f"  {json.dumps(key)}: {value_text}")
-    return text.replace('"@gates_matrix@"', "{\n" + ",\n".join(lines) + "\n }", 1) + "\n"
+    return text.replace('"@gates_matrix@"', matrix_json(matrix, indent=" ").rstrip("\n"), 1) + "\n"
 
 
 def small_png(src: Path, dst: Path, max_px: int = 900) -> None:

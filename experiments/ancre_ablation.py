@@ -458,9 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.phase != "short":
         print("long phase waits for every short run (or name its variants with --long-variants)", flush=True)
     results = report(args, records, short_specs, long_specs, long_variants)
-    if records.written:
-        print(f"new record files ({len(records.written)}; commit them so that a fresh clone resumes from here, "
-              f"e.g. git add {portable(records.folder)}):\n" + "\n".join(f"  {portable(p)}" for p in records.written), flush=True)
+    records.print_written()
     return results
 
 

@@ -891,10 +891,7 @@ def main(argv: list[str] | None = None) -> dict:
         first = first + [s for s in specs(config, args.wirings, args.depths, [args.third_seed], args.steps, args.val_every, extra)
                          if s.name not in planned and records.has(s.name)]
     results = report(args.runs_dir, args.out, config, first, args.wirings, args.depths, pairs)
-    if records.written:
-        print(f"new record files ({len(records.written)}; commit them so that a fresh clone resumes from here, "
-              f"e.g. git add {portable(records.folder)}):\n" + "\n".join(f"  {portable(p)}" for p in records.written), flush=True)
-    elif not args.report_only:
+    if not records.print_written() and not args.report_only:
         print("no new record files", flush=True)
     return results
 

@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"reused the ablation's long runs: {', '.join(adopted)}", flush=True)
     launch_unless_report_only(args, run_specs, records)
     results = report(args, records, run_specs, args.wirings)
-    if records.written:
-        print(f"new record files ({len(records.written)}; commit them so that a fresh clone resumes from here, "
-              f"e.g. git add {portable(records.folder)}):\n" + "\n".join(f"  {portable(p)}" for p in records.written), flush=True)
+    records.print_written()
     return results
 
 
