@@ -179,7 +179,10 @@ def phase_rows(records: RunRecords, phase_specs: list[RunSpec]) -> list[dict]:
     rows = collect(records, phase_specs)  # with the steps to residual's final loss (of this phase's residual runs)
     twins = {r["seed"]: r for r in rows if r["wiring"] == "residual"}
     for r in rows:
-        r["stream_growth"], r["stream_profile"] = stream_growth(records.load(r["name"]))
+        record = records.load(r["name"])
+        r["stream_growth"], r["stream_profile"] = stream_growth(record)
+        if "reused_from" in record:  # a record adopted from another driver's run (the long leaderboard)
+            r["reused_from"] = record["reused_from"]
         r["final_stream_growth"] = r["stream_growth"][-1][1] if r["stream_growth"] else None
         twin = twins.get(r["seed"])
         r["gap_to_residual"] = None if twin is None or r is twin else gap_to_twin(r["val_loss"], twin["val_loss"])

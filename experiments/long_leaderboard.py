@@ -230,8 +230,6 @@ def report(args, records: RunRecords, run_specs: list[RunSpec], wirings: list[st
     out.mkdir(parents=True, exist_ok=True)
     rows = ancre_ablation.phase_rows(records, run_specs)
     head = run_record(args.runs_dir, {r["name"]: r for r in rows}, len(run_specs), records)
-    for r in rows:
-        r["reused_from"] = records.load(r["name"]).get("reused_from")
     present = [w for w in wirings if any(r["wiring"] == w for r in rows)]
     summary = summary_with_tests(rows, present)
     short = short_ranking(present, SEEDS) if not args.quick else {}

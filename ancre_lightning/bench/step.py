@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .breakdown import CLASSES, breakdown_rows, profile_step
 from ._common import (
     LLM_QUICK,
     MODEL_KEYS,
@@ -49,8 +50,11 @@ NAME = "step"
 #: ``modes: None`` = eager and compile, plus compile-graphs on a GPU.
 #: ``checkpointing: [false, true]`` also times every wiring with activation checkpointing.
 #: ``connectivities: None`` = every wiring, and the HF-Llama peer when transformers is installed.
+#: ``breakdown: true`` also profiles every variant for ``breakdown_steps`` steps and splits its time
+#: into matmul, attention, fused kernels, optimizer and other (``breakdown.py``), with each wiring's
+#: extra milliseconds over residual per class.
 FULL: dict[str, Any] = {"connectivities": None, "modes": None, "reps": 9, "warmup": 2, "fused_optimizer": True,
-                        "checkpointing": (False,)}
+                        "checkpointing": (False,), "breakdown": False, "breakdown_steps": 2}
 QUICK: dict[str, Any] = {**LLM_QUICK, "connectivities": ("residual", "ancre"), "modes": ("eager",), "reps": 2, "warmup": 1}
 #: The step-overhead target per compiled mode (ANCRe: 3 % on CPU, under 1 % on GPU).
 COMPILED_MODES = ("compile", "compile-graphs")
@@ -67,6 +71,8 @@ def run(
     warmup: int = FULL["warmup"],
     fused_optimizer: bool = FULL["fused_optimizer"],
     checkpointing: Sequence[bool] = FULL["checkpointing"],
+    breakdown: bool = FULL["breakdown"],
+    breakdown_steps: int = FULL["breakdown_steps"],
     **shape_overrides: Any,
 ) -> dict[str, Any]:
     if modes is None:
@@ -94,6 +100,8 @@ def run(
     times = interleaved_times({f"{m}/{c}/{on}": fn for (m, c, on), fn in steps.items()}, device, reps=reps,
                               warmup=max(warmup - 1, 0))  # fmt: skip
 
+    # profiled after the timing, so that the profiler's own cost never reaches the timed rounds
+    split = {(m, c): profile_step(fn, device, breakdown_steps) for (m, c, on), fn in steps.items() if not on} if breakdown else {}
     rows = []
     for mode in modes:
         for on in checkpointing:
@@ -133,6 +141,7 @@ def run(
                      "checkpointing": list(checkpointing)},
         "rows": rows,
         "targets": targets,
+        **({"breakdown": breakdown_rows(split)} if breakdown else {}),
     }
 
 
@@ -155,4 +164,19 @@ def table(result: dict[str, Any]) -> str:
     out = head + "\n" + format_table(columns, rows)
     if result["targets"]:
         out += "\n\n" + targets_table(result["targets"])
+    if result.get("breakdown"):
+        out += "\n\n" + breakdown_table(result["breakdown"])
     return out
+
+
+def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    """Milliseconds per step in each class, and (``+``) the extra over residual in the same mode."""
+    columns = ["connectivity", "mode", "profiled ms", *(f"{k} ms" for k in CLASSES), *(f"+{k}" for k in CLASSES)]
+    body = [
+        (r["connectivity"], r["mode"], r["total_ms"], *(r["ms"][k] for k in CLASSES),
+         *((r["extra_ms"][k] for k in CLASSES) if r["extra_ms"] is not None and r["connectivity"] != "residual"
+           else (None,) * len(CLASSES)))
+        for r in rows
+    ]  # fmt: skip
+    return ("where the step time goes (profiler self time per step, CPU time on a CPU, kernel time on a GPU; "
+            "+: extra ms over residual)\n\n" + format_table(columns, body))
